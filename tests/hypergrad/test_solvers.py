@@ -1,0 +1,157 @@
+"""Inverse-HVP solvers against np.linalg.solve on SPD systems."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metapt_tf import hypergrad
+
+
+def _spd(n=12, cond=10.0, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    eigs = np.linspace(1.0, cond, n)
+    return (q * eigs) @ q.T, rng
+
+
+def _block_hvp(a, sizes=(5, 7)):
+    """The matrix a acting on a vector split in two blocks (two "parameters")."""
+    a = tf.constant(a)
+    split = list(sizes)
+
+    def hvp_fn(u):
+        dense = [
+            tf.zeros([s], tf.float64) if x is None else x for x, s in zip(u, split, strict=True)
+        ]
+        return list(tf.split(tf.linalg.matvec(a, tf.concat(dense, 0)), split))
+
+    return hvp_fn
+
+
+def _concat(xs):
+    return np.concatenate([x.numpy() for x in xs])
+
+
+def _as_blocks(b, sizes=(5, 7)):
+    return [tf.constant(x) for x in np.split(b, np.cumsum(sizes)[:-1])]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_conjugate_gradient_matches_linalg_solve(compiled):
+    a, rng = _spd()
+    b = rng.normal(size=12)
+    solver = hypergrad.ConjugateGradient(max_iters=50, tol=1e-12)
+    solve = (
+        tf.function(lambda v: solver.solve(_block_hvp(a), v))
+        if compiled
+        else (lambda v: solver.solve(_block_hvp(a), v))
+    )
+    result = solve(_as_blocks(b))
+    x = _concat(result.solution)
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-9)
+    np.testing.assert_allclose(result.residual_norm.numpy(), np.linalg.norm(b - a @ x), atol=1e-9)
+    assert not result.diverged.numpy()
+    assert 1 <= int(result.num_hvps) <= 13  # CG is exact in n steps in exact arithmetic
+
+
+def test_conjugate_gradient_with_damping_and_structural_zeros_under_xla():
+    a, rng = _spd(seed=1)
+    b = np.concatenate([np.zeros(5), rng.normal(size=7)])
+    solver = hypergrad.ConjugateGradient(max_iters=60, tol=1e-12, damping=0.5)
+    solve = tf.function(lambda v2: solver.solve(_block_hvp(a), [None, v2]), jit_compile=True)
+    x = _concat(solve(tf.constant(b[5:])).solution)
+    np.testing.assert_allclose(x, np.linalg.solve(a + 0.5 * np.eye(12), b), rtol=1e-9)
+
+
+def test_conjugate_gradient_stops_early_at_tolerance():
+    a, rng = _spd(n=50, cond=10.0, seed=2)
+    b = rng.normal(size=50)
+    hvp_fn, blocks = _block_hvp(a, (20, 30)), _as_blocks(b, (20, 30))
+    loose = hypergrad.ConjugateGradient(max_iters=100, tol=1e-2).solve(hvp_fn, blocks)
+    tight = hypergrad.ConjugateGradient(max_iters=100, tol=1e-12).solve(hvp_fn, blocks)
+    assert int(loose.num_hvps) < int(tight.num_hvps)
+    assert loose.residual_norm.numpy() <= 1e-2 * np.linalg.norm(b)
+
+
+def test_conjugate_gradient_flags_indefinite_matrix():
+    a, rng = _spd(seed=3)
+    a = a - 5.0 * np.eye(12)  # eigenvalues from -4 to 5
+    b = _as_blocks(rng.normal(size=12))
+    result = hypergrad.ConjugateGradient(max_iters=30).solve(_block_hvp(a), b)
+    assert result.diverged.numpy()
+
+
+@pytest.mark.parametrize("alpha", [0.09, "auto"])
+def test_neumann_matches_linalg_solve(alpha):
+    a, rng = _spd(cond=10.0, seed=4)  # lambda_max = 10, so alpha < 0.2 converges
+    b = rng.normal(size=12)
+    solver = hypergrad.Neumann(num_terms=300, alpha=alpha, exact_residual=True, power_iters=100)
+    result = solver.solve(_block_hvp(a), _as_blocks(b))
+    x = _concat(result.solution)
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-8)
+    np.testing.assert_allclose(result.residual_norm.numpy(), np.linalg.norm(b - a @ x), atol=1e-9)
+    assert not result.diverged.numpy()
+    if alpha == "auto":
+        np.testing.assert_allclose(result.alpha.numpy(), 1.0 / 10.0, rtol=1e-6)
+        assert int(result.num_hvps) == 300 + 100 + 1
+
+
+def test_neumann_series_is_the_truncated_sum_and_cheap_residual_is_last_term():
+    a, rng = _spd(seed=5)
+    b = rng.normal(size=12)
+    alpha, n = 0.05, 3
+    m = np.eye(12) - alpha * a
+    expected = alpha * sum(np.linalg.matrix_power(m, j) @ b for j in range(n + 1))
+    result = hypergrad.Neumann(num_terms=n, alpha=alpha).solve(_block_hvp(a), _as_blocks(b))
+    np.testing.assert_allclose(_concat(result.solution), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        result.residual_norm.numpy(), np.linalg.norm(np.linalg.matrix_power(m, n) @ b), rtol=1e-12
+    )
+    assert int(result.num_hvps) == n
+
+
+def test_neumann_with_too_large_alpha_is_flagged_and_can_raise():
+    a, rng = _spd(cond=10.0, seed=6)
+    b = _as_blocks(rng.normal(size=12))
+    too_large = 0.5  # > 2 / lambda_max = 0.2
+    result = hypergrad.Neumann(num_terms=20, alpha=too_large).solve(_block_hvp(a), b)
+    assert result.diverged.numpy()
+    assert result.residual_norm.numpy() > 1e3 * np.linalg.norm(_concat(b))
+    ok = hypergrad.Neumann(num_terms=20, alpha=0.15).solve(_block_hvp(a), b)
+    assert not ok.diverged.numpy()
+
+    raising = hypergrad.Neumann(num_terms=20, alpha=too_large, raise_on_divergence=True)
+    with pytest.raises(hypergrad.SolverDivergedError, match="Neumann series diverges"):
+        raising.solve(_block_hvp(a), b)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Neumann series diverges"):
+        tf.function(lambda v: raising.solve(_block_hvp(a), v).solution)(b)
+
+
+def test_identity_is_scaled_vector():
+    a, rng = _spd(seed=7)
+    b = rng.normal(size=12)
+    result = hypergrad.Identity(alpha=0.3).solve(_block_hvp(a), _as_blocks(b))
+    np.testing.assert_allclose(_concat(result.solution), 0.3 * b)
+    assert int(result.num_hvps) == 0
+    exact = hypergrad.Identity(alpha=0.3, exact_residual=True).solve(_block_hvp(a), _as_blocks(b))
+    np.testing.assert_allclose(exact.residual_norm.numpy(), np.linalg.norm(b - 0.3 * a @ b))
+
+
+def test_top_eigenvalue_matches_eigvalsh():
+    a, rng = _spd(cond=7.0, seed=8)
+    eig = hypergrad.top_eigenvalue(_block_hvp(a), _as_blocks(rng.normal(size=12)), num_iters=200)
+    np.testing.assert_allclose(eig.numpy(), np.linalg.eigvalsh(a).max(), rtol=1e-6)
+
+
+def test_solver_arguments_are_validated():
+    with pytest.raises(ValueError, match="num_terms must be an int >= 0. Received: num_terms=-1"):
+        hypergrad.Neumann(num_terms=-1)
+    with pytest.raises(ValueError, match="alpha must be a number > 0 or 'auto'"):
+        hypergrad.Neumann(alpha="automatic")
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        hypergrad.Identity(alpha=0.0)
+    with pytest.raises(ValueError, match="max_iters must be an int >= 1"):
+        hypergrad.ConjugateGradient(max_iters=0)
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        hypergrad.ConjugateGradient(damping=-1.0)
+    assert "max_iters=7" in repr(hypergrad.ConjugateGradient(max_iters=7))
