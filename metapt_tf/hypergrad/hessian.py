@@ -23,8 +23,10 @@ from metapt_tf.hypergrad import _vectors
 FORWARD_OVER_REVERSE = "forward_over_reverse"
 REVERSE_OVER_REVERSE = "reverse_over_reverse"
 HVP_MODES = (FORWARD_OVER_REVERSE, REVERSE_OVER_REVERSE)
-# Measured by benchmarks/hypergrad_bench.py; see the README's performance section.
-DEFAULT_HVP_MODE = FORWARD_OVER_REVERSE
+# The faster mode as measured by benchmarks/hypergrad_bench.py on CPU (README,
+# "Performance"): in the implicit part it records the PT gradient once and serves
+# every HVP and the mixed term from that recording.
+DEFAULT_HVP_MODE = REVERSE_OVER_REVERSE
 
 _ZERO = tf.UnconnectedGradients.ZERO
 

@@ -10,10 +10,9 @@ and for a vector v = dL_val/dtheta the hypergradient is
 
 p comes from an inverse-HVP solver; the mixed term is one extra pass:
 
-* forward_over_reverse: reverse-over-forward. A `ForwardAccumulator` with
-  tangent p gives the directional derivative <dL_PT/dtheta, p> as a scalar,
-  and one `GradientTape` pass takes its gradient with respect to phi. Only the
-  part of the graph that depends on phi is walked backwards.
+* forward_over_reverse: a `ForwardAccumulator` with tangent p on theta around
+  a tape that takes dL_PT/dphi; the JVP of that gradient is the mixed term.
+  Only the part of the graph that depends on phi is walked backwards.
 * reverse_over_reverse: the first-order gradient g = dL_PT/dtheta is recorded
   once on a persistent tape; every HVP of the solve and the mixed term
   `d<g, p>/dphi` are backward passes over that one recording.
@@ -58,18 +57,24 @@ def _check_connected(mixed: list, meta_params: Sequence) -> list:
 def mixed_vjp_forward(
     loss_fn: Callable[[], tf.Tensor], params: list, meta_params: list, p: Sequence
 ) -> list:
-    """(d2 loss / dphi dtheta) p by reverse-over-forward; None where unconnected."""
+    """(d2 loss / dphi dtheta) p by forward-over-reverse; None where unconnected.
+
+    A `ForwardAccumulator` with tangent p on theta around a tape that takes
+    dL/dphi: the JVP of dL/dphi along p is the mixed term. The backward pass only
+    walks the part of the graph that depends on phi. (Reverse-over-forward gives
+    the same numbers, but under XLA it makes TensorFlow fold every variable into
+    the program as a constant, so each variable update forces a recompilation.)
+    """
     active = [i for i, u in enumerate(p) if u is not None]
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(meta_params)
-        with tf.autodiff.ForwardAccumulator(
-            primals=[params[i] for i in active], tangents=[p[i] for i in active]
-        ) as acc:
+    with tf.autodiff.ForwardAccumulator(
+        primals=[params[i] for i in active], tangents=[p[i] for i in active]
+    ) as acc:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(meta_params)
             loss = hvp_lib.scalar_loss(loss_fn, "pt_loss_fn")
-        directional = acc.jvp(loss)  # <dL/dtheta, p>
-    if directional is None:
-        return [None] * len(meta_params)
-    return tape.gradient(directional, meta_params)
+        grads = tape.gradient(loss, meta_params)
+    # A gradient that exists but does not move with theta has no JVP: structurally zero.
+    return [None if g is None else acc.jvp(g) for g in grads]
 
 
 class _RecordedGradient:

@@ -118,7 +118,9 @@ class MetaGradient:
         ft_val_loss_fn(ft_params, ft_val_batch) -> scalar
 
     Batches may be any nest of tensors. `ft_train_batch` is passed to every
-    unrolled step; index it with `step` if it holds K batches.
+    unrolled step; index it with `step` if it holds K batches. `ft_params` may
+    hold tensors (e.g. a head) and variables (full-network FT passes the PT
+    variables themselves).
 
     `trace_count` counts how often the step was traced (a retrace on every call
     would mean batches with changing shapes or Python values among the inputs).
@@ -160,6 +162,7 @@ class MetaGradient:
         self.num_ft_steps = num_ft_steps
         self.solver = solver
         self.trace_count = 0
+        self.jit_compile = bool(jit_compile and compile)
         if compile:
             self._step_fn = tf.function(self._step, jit_compile=jit_compile, autograph=False)
         else:
@@ -183,6 +186,32 @@ class MetaGradient:
             hvp_mode=self.hvp_mode,
         )
 
+    def _inputs(self, ft_params: Sequence, ft_state: Any) -> tuple[list, Any]:
+        # Variables stay variables: full-network FT passes the PT variables themselves,
+        # which must be read inside the step's tape for v to flow through them.
+        ft_params = [
+            p if isinstance(p, tf.Variable) else tf.convert_to_tensor(p) for p in ft_params
+        ]
+        if ft_state is None:
+            ft_state = self.init_ft_state(ft_params)
+        return ft_params, ft_state
+
+    def compiler_ir(
+        self, pt_batch, ft_train_batch, ft_val_batch, ft_params: Sequence, ft_state: Any = None
+    ) -> str:
+        """The optimized HLO text of the XLA-compiled step (`jit_compile=True` only).
+
+        Shows what XLA receives, e.g. that variables are arguments of the program
+        rather than constants folded into it (which would force a recompilation
+        after every variable update).
+        """
+        if not self.jit_compile:
+            raise ValueError("compiler_ir needs MetaGradient(jit_compile=True).")
+        ft_params, ft_state = self._inputs(ft_params, ft_state)
+        return self._step_fn.experimental_get_compiler_ir(
+            pt_batch, ft_train_batch, ft_val_batch, ft_params, ft_state
+        )(stage="optimized_hlo")
+
     def init_ft_state(self, ft_params: Sequence) -> Any:
         """A fresh state of the FT update rule for `ft_params`."""
         return self.ft_update_rule.init([tf.convert_to_tensor(p) for p in ft_params])
@@ -190,7 +219,5 @@ class MetaGradient:
     def __call__(
         self, pt_batch, ft_train_batch, ft_val_batch, ft_params: Sequence, ft_state: Any = None
     ) -> MetaGradientResult:
-        ft_params = [tf.convert_to_tensor(p) for p in ft_params]
-        if ft_state is None:
-            ft_state = self.init_ft_state(ft_params)
+        ft_params, ft_state = self._inputs(ft_params, ft_state)
         return self._step_fn(pt_batch, ft_train_batch, ft_val_batch, ft_params, ft_state)

@@ -1,6 +1,8 @@
 """The composed meta-gradient: whole-pipeline finite differences, a dense oracle for the
 Neumann composition, and the compiled step (one trace, XLA, both HVP modes)."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -74,8 +76,10 @@ class Logistic:
 
     @staticmethod
     def bce(theta, x, y):
-        z = tf.linalg.matvec(tf.constant(x), theta)
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.constant(y), z))
+        x, y = tf.convert_to_tensor(x, tf.float64), tf.convert_to_tensor(y, tf.float64)
+        return tf.reduce_mean(
+            tf.nn.sigmoid_cross_entropy_with_logits(y, tf.linalg.matvec(x, theta))
+        )
 
     def meta_gradient(self, solver, hvp_mode):
         self.theta.assign(self.theta_star_np(self.phi0))
@@ -122,6 +126,40 @@ def test_whole_pipeline_matches_finite_differences(logistic_fd, solver, mode):
         result.ft_val_loss.numpy(), problem.pipeline_np(problem.phi0), rtol=1e-10
     )
     assert not result.solver_diverged.numpy()
+
+
+def test_compiled_full_network_ft_from_the_pt_variables():
+    problem = Logistic(seed=1)
+    problem.theta.assign(problem.theta_star_np(problem.phi0))
+    solver = hypergrad.ConjugateGradient(max_iters=30, tol=1e-12)
+    step = hypergrad.MetaGradient(
+        pt_loss_fn=lambda batch: problem.pt_loss(),
+        ft_train_loss_fn=lambda p, batch, k: problem.bce(p[0], *batch),
+        ft_val_loss_fn=lambda p, batch: problem.bce(p[0], *batch),
+        pt_params=[problem.theta],
+        meta_params=[problem.phi],
+        ft_update_rule=hypergrad.SGD(FT_LR),
+        num_ft_steps=K,
+        solver=solver,
+    )
+    val = (problem.xv, problem.yv)
+    for start in range(3):
+        train = (problem.xt[start : start + 20], problem.yt[start : start + 20])
+        got = step(tf.zeros([]), train, val, [problem.theta])
+        want = hypergrad.meta_gradient(
+            pt_loss_fn=problem.pt_loss,
+            pt_params=[problem.theta],
+            meta_params=[problem.phi],
+            ft_train_loss_fn=lambda p, k, train=train: problem.bce(p[0], *train),
+            ft_val_loss_fn=lambda p: problem.bce(p[0], *val),
+            ft_params=[problem.theta],
+            ft_update_rule=hypergrad.SGD(FT_LR),
+            num_ft_steps=K,
+            solver=solver,
+        )
+        np.testing.assert_allclose(got.meta_grads[0].numpy(), want.meta_grads[0].numpy(), rtol=1e-9)
+        assert np.linalg.norm(got.meta_grads[0].numpy()) > 0
+    assert step.trace_count == 1
 
 
 # ---------------------------------------------------------------------------
@@ -274,6 +312,30 @@ def test_compiled_step_is_traced_once_and_matches_eager_xla_and_both_modes():
     assert xla.trace_count == 1
     assert rev.trace_count == 1
     assert float(state.step) == 6.0
+
+
+@pytest.mark.parametrize("mode", hypergrad.HVP_MODES)
+def test_xla_program_takes_variables_and_batches_as_arguments(mode):
+    """Variables folded into the XLA program as constants would force a recompilation
+    after every PT step; each input must be an argument of the compiled program."""
+    model = Multitask(dtype=tf.float32, seed=4)
+    step = model.make(mode, hypergrad.Neumann(num_terms=1, alpha=0.3), jit_compile=True)
+    batches = (model.batch(T_PT), model.batch(F_FT), model.batch(F_FT))
+    head = model.ft_head_tensors()
+    state = step.init_ft_state(head)
+    hlo = step.compiler_ir(*batches, head, state)
+    entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
+    num_args = len(re.findall(r"\barg\d+(?:\.\d+)?:", entry))
+    expected = len(tf.nest.flatten((batches, head, state))) + len(model.pt_params) + 1
+    assert num_args == expected, entry[:400]
+    before = step(*batches, head, state).meta_grads[0].numpy()
+    model.backbone[0].assign_add(0.1 * tf.ones_like(model.backbone[0]))
+    after = step(*batches, head, state).meta_grads[0].numpy()
+    eager = model.make(mode, hypergrad.Neumann(num_terms=1, alpha=0.3), compile=False)
+    np.testing.assert_allclose(
+        after, eager(*batches, head, state).meta_grads[0].numpy(), rtol=1e-4, atol=1e-6
+    )
+    assert not np.allclose(before, after)
 
 
 def test_float32_meta_gradient_is_close_to_float64():
