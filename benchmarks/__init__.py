@@ -1,0 +1,1 @@
+"""Performance harnesses that print ratios (run each as `python -m benchmarks.<name>`)."""
