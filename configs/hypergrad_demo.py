@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.cg_damping = 0.0
     config.neumann_terms = 20
     config.neumann_alpha = 0.1  # also the Identity solver's alpha
-    config.hvp_mode = "forward_over_reverse"  # or "reverse_over_reverse"
+    config.hvp_mode = "reverse_over_reverse"  # or "forward_over_reverse"
 
     # Meta-optimisation: Adam on phi, weights w = 2 * sigmoid(phi).
     config.num_meta_steps = 100  # T
