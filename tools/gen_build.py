@@ -31,6 +31,8 @@ MAIN_PACKAGE = "metapt_tf"
 # Top-level import name -> (placeholder target, pip distribution it stands for).
 PIP_PLACEHOLDERS: dict[str, tuple[str, str]] = {
     "absl": ("expect_absl_installed", "absl-py"),
+    "matplotlib": ("expect_matplotlib_installed", "matplotlib"),
+    "mlxtend": ("expect_mlxtend_installed", "mlxtend"),
     "ml_collections": ("expect_ml_collections_installed", "ml-collections"),
     "numpy": ("expect_numpy_installed", "numpy"),
     "pytest": ("expect_pytest_installed", "pytest"),
