@@ -1,0 +1,95 @@
+"""Per-example weights, per-task weights and categorical distributions as meta-parameters.
+
+Each holds one unconstrained `tf.Variable` phi (`.variables` lists it) and maps it
+back inside the step: weights w = 2 * sigmoid(phi) in (0, 2), equal to 1 at
+phi = 0; a categorical distribution p = softmax(phi), uniform at phi = 0.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+WEIGHTINGS = ("2sigmoid", "normalized")
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1. Received: {name}={value!r}.")
+    return int(value)
+
+
+class _Weights(tf.Module):
+    def __init__(self, count: int, what: str, weighting: str, dtype, name: str):
+        super().__init__(name=name)
+        if weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"weighting must be one of {WEIGHTINGS}. Received: weighting={weighting!r}."
+            )
+        self.count = _check_count(what, count)
+        self.weighting = weighting
+        self.phi = tf.Variable(tf.zeros([self.count], dtype), name="phi")
+
+    @property
+    def variables_list(self) -> list[tf.Variable]:
+        return [self.phi]
+
+    def all_weights(self) -> tf.Tensor:
+        """w = 2 * sigmoid(phi) for every entry."""
+        return 2.0 * tf.sigmoid(self.phi)
+
+    def weights(self, indices: tf.Tensor) -> tf.Tensor:
+        """The weights of `indices`; "normalized" rescales them to mean 1 over the batch."""
+        w = tf.gather(self.all_weights(), indices)
+        if self.weighting == "normalized":
+            w = w / tf.reduce_mean(w)
+        return w
+
+
+class ExampleWeights(_Weights):
+    """One weight per PT example: w_i = 2 * sigmoid(phi_i), all 1 at the start."""
+
+    def __init__(
+        self,
+        num_examples: int,
+        weighting: str = "2sigmoid",
+        dtype=tf.float32,
+        name: str = "example_weights",
+    ):
+        super().__init__(num_examples, "num_examples", weighting, dtype, name)
+
+
+class TaskWeights(_Weights):
+    """One weight per PT task: w_t = 2 * sigmoid(phi_t), all 1 at the start."""
+
+    def __init__(
+        self, num_tasks: int, weighting: str = "2sigmoid", dtype=tf.float32, name="task_weights"
+    ):
+        super().__init__(num_tasks, "num_tasks", weighting, dtype, name)
+
+
+class CategoricalDistribution(tf.Module):
+    """p = softmax(phi) over `num_bins` outcomes, uniform at the start.
+
+    `expectation(values)` is the exact expectation sum_k p_k values[..., k], so a
+    loss averaged under the distribution is differentiable in phi without sampling.
+    """
+
+    def __init__(self, num_bins: int, dtype=tf.float32, name: str = "categorical"):
+        super().__init__(name=name)
+        self.num_bins = _check_count("num_bins", num_bins)
+        self.phi = tf.Variable(tf.zeros([self.num_bins], dtype), name="phi")
+
+    @property
+    def variables_list(self) -> list[tf.Variable]:
+        return [self.phi]
+
+    def probs(self) -> tf.Tensor:
+        return tf.nn.softmax(self.phi)
+
+    def expectation(self, values: tf.Tensor) -> tf.Tensor:
+        """sum_k p_k values[..., k]; `values` has the bins on its last axis."""
+        if values.shape[-1] is not None and values.shape[-1] != self.num_bins:
+            raise ValueError(
+                f"values must have {self.num_bins} entries on the last axis (one per bin). "
+                f"Received shape {tuple(values.shape)}."
+            )
+        return tf.reduce_sum(values * self.probs(), axis=-1)

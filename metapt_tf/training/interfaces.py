@@ -1,0 +1,92 @@
+"""Contracts between an experiment and the online meta-PT loop.
+
+An experiment builds a `MetaPretrainProblem` (its model, PT loss and
+meta-parameters) and hands it, with three `tf.data` pipelines, to
+`metapt_tf.training.online.run`. The loop owns everything else: the FT head,
+optimizers, the meta-gradient, checkpoints, summaries and progress output.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+Batch = Mapping[str, tf.Tensor]
+
+
+@dataclasses.dataclass
+class MetaPretrainProblem:
+    """What the online loop needs from an experiment.
+
+    Attributes:
+      backbone: Keras model mapping `batch[ft_input_key]` to features [B, D].
+        Shared by PT and FT; called with `training=False` inside the FT unroll.
+      pt_params: theta, the variables PT trains: the backbone's and the PT head's.
+      meta_params: phi, the variables the meta-gradient trains (e.g.
+        `ExampleWeights.variables_list`).
+      pt_loss_fn: `batch -> scalar` PT loss on a PT batch; reads theta and phi.
+        Called inside `tf.function`; must be differentiable in both.
+      num_ft_classes: classes of the FT task (a softmax head of that many logits;
+        with `ft_multilabel`, that many independent sigmoid outputs).
+      ft_input_key, ft_label_key: keys of the FT batches' inputs and labels.
+      ft_multilabel: FT labels are multi-hot [B, num_ft_classes] (sigmoid
+        cross-entropy) rather than class ids [B] (softmax cross-entropy).
+      pt_head_params: the PT head as [kernel [D, C], bias [C]] when the FT task
+        has the PT task's classes; needed by `config.meta.head = "pt_head"`.
+      describe_fn: optional host-side callback `() -> dict` called at each
+        logging step. Returned floats are logged as scalars, 1-D arrays as
+        histograms, and uint8 arrays of rank 4 as images; every value is also
+        kept in the run's history (e.g. the learned distribution over time).
+    """
+
+    backbone: tf.keras.Model
+    pt_params: list[tf.Variable]
+    meta_params: list[tf.Variable]
+    pt_loss_fn: Callable[[Batch], tf.Tensor]
+    num_ft_classes: int
+    ft_input_key: str = "image"
+    ft_label_key: str = "label"
+    ft_multilabel: bool = False
+    pt_head_params: list[tf.Variable] | None = None
+    describe_fn: Callable[[], dict[str, Any]] | None = None
+
+    def __post_init__(self):
+        if not self.pt_params:
+            raise ValueError("MetaPretrainProblem.pt_params must not be empty.")
+        if not self.meta_params:
+            raise ValueError("MetaPretrainProblem.meta_params must not be empty.")
+        if isinstance(self.num_ft_classes, bool) or int(self.num_ft_classes) < 1:
+            raise ValueError(
+                f"num_ft_classes must be an int >= 1. Received: {self.num_ft_classes!r}."
+            )
+        pt_ids = {id(v) for v in self.pt_params}
+        if any(id(v) in pt_ids for v in self.meta_params):
+            raise ValueError("pt_params and meta_params must not share variables.")
+        missing = [v.name for v in self.backbone.trainable_variables if id(v) not in pt_ids]
+        if missing:
+            raise ValueError(
+                f"Every trainable backbone variable must be in pt_params; missing: {missing}."
+            )
+
+
+def head_logits(features: tf.Tensor, head: list) -> tf.Tensor:
+    """The FT head: a linear layer given as [kernel, bias]."""
+    return tf.matmul(features, head[0]) + head[1]
+
+
+def head_loss(logits: tf.Tensor, labels: tf.Tensor, multilabel: bool) -> tf.Tensor:
+    if multilabel:
+        labels = tf.cast(labels, logits.dtype)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int32), logits)
+    )
+
+
+def init_head(feature_dim: int, num_classes: int, generator: tf.random.Generator, dtype):
+    """Glorot-uniform kernel and zero bias, drawn from `generator` (checkpointed)."""
+    limit = float(np.sqrt(6.0 / (feature_dim + num_classes)))
+    kernel = generator.uniform([feature_dim, num_classes], -limit, limit, dtype=dtype)
+    return [kernel, tf.zeros([num_classes], dtype)]

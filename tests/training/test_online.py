@@ -1,0 +1,179 @@
+"""The online meta-PT loop on a tiny synthetic problem: it learns, resumes exactly,
+skips non-finite meta-gradients and stops on a non-finite PT loss."""
+
+import glob
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metapt_tf.meta_params import ExampleWeights
+from metapt_tf.models import digit_backbone
+from metapt_tf.training import interfaces, online
+
+N_PT, SHAPE, CLASSES = 96, (6, 6, 1), 3
+
+
+def _data(seed=0, nan_index=None):
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(size=(CLASSES,) + SHAPE)
+    labels = rng.integers(0, CLASSES, size=N_PT + 64)
+    images = (protos[labels] + 0.5 * rng.normal(size=(labels.size,) + SHAPE)).astype(np.float32)
+    noisy = labels.copy()
+    noisy[:30] = (labels[:30] + 1) % CLASSES  # the first 30 PT labels are wrong
+    scale = np.ones(labels.size, np.float32)  # multiplies the PT loss of each example
+    if nan_index is not None:
+        scale[nan_index] = np.nan
+    return images, labels, noisy, scale
+
+
+def _dataset(arrays, batch, seed, shuffle=True):
+    ds = tf.data.Dataset.from_tensor_slices(arrays)
+    if shuffle:
+        ds = ds.shuffle(len(next(iter(arrays.values()))), seed=seed)
+    return ds.repeat().batch(batch, drop_remainder=True)
+
+
+def _problem(seed=0, nan_index=None, sqrt_weights=False, shuffle=True):
+    tf.keras.utils.set_random_seed(seed)
+    images, labels, noisy, scale = _data(seed, nan_index)
+    backbone = digit_backbone("mlp", hidden_units=(16,), input_shape=SHAPE)
+    pt_head = tf.keras.layers.Dense(CLASSES)
+    pt_head.build((None, 16))
+    weights = ExampleWeights(N_PT)
+
+    def pt_loss_fn(batch):
+        logits = pt_head(backbone(batch["image"], training=True))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(batch["label"], logits)
+        if sqrt_weights:  # derivative of sqrt at 0 is infinite: a non-finite meta-gradient
+            w = tf.sqrt(tf.gather(weights.phi, batch["index"]))
+        else:
+            w = weights.weights(batch["index"])
+        return tf.reduce_mean(w * ce * batch["scale"])
+
+    problem = interfaces.MetaPretrainProblem(
+        backbone=backbone,
+        pt_params=backbone.trainable_variables + pt_head.trainable_variables,
+        meta_params=weights.variables_list,
+        pt_loss_fn=pt_loss_fn,
+        num_ft_classes=CLASSES,
+        describe_fn=lambda: {"weights": weights.all_weights().numpy()},
+    )
+    pt = {
+        "image": images[:N_PT],
+        "label": noisy[:N_PT],
+        "index": np.arange(N_PT),
+        "scale": scale[:N_PT],
+    }
+    ft = {"image": images[N_PT:], "label": labels[N_PT:]}
+    data = dict(
+        pt_data=_dataset(pt, 16, seed, shuffle),
+        ft_train_data=_dataset({k: v[:32] for k, v in ft.items()}, 16, seed + 1),
+        ft_val_data=_dataset({k: v[32:] for k, v in ft.items()}, 16, seed + 2),
+    )
+    return problem, weights, data
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+    c = online.default_config()
+    c.update(
+        dict(
+            warmup_steps=20,
+            pt_steps_per_meta_step=2,
+            num_meta_steps=30,
+            log_every=5,
+            checkpoint_every=5,
+            meta_learning_rate=0.1,
+            ft_learning_rate=0.05,
+            pt_learning_rate=0.01,
+            neumann_alpha=0.1,
+        )
+    )
+    c.update(overrides)
+    return c
+
+
+def test_meta_pt_learns_and_logs(tmp_path):
+    problem, weights, data = _problem()
+    lines = []
+    result = online.run(problem, **data, config=_config(), workdir=str(tmp_path), log=lines.append)
+    assert result.meta_steps == 30 and result.pt_steps == 20 + 60
+    assert result.skipped_meta_steps == 0
+    w = weights.all_weights().numpy()
+    assert not np.allclose(w, 1.0)
+    assert w[:30].mean() < w[30:].mean()  # the wrongly labelled examples lose weight
+    assert result.history["meta_step"][-1] == 30
+    assert len(result.history["weights"]) == len(result.history["meta_step"])
+    assert any(line.startswith("meta-step 30/30") and "ETA" in line for line in lines)
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    assert os.path.exists(tmp_path / "history.json")
+
+
+def test_baseline_runs_the_same_pt_schedule_without_meta_steps(tmp_path):
+    problem, weights, data = _problem()
+    result = online.run(
+        problem, **data, config=_config(meta_enabled=False), workdir=str(tmp_path), log=None
+    )
+    assert result.pt_steps == 80
+    np.testing.assert_array_equal(weights.phi.numpy(), 0.0)
+
+
+def test_resumed_run_ends_with_the_same_phi(tmp_path):
+    tf.config.experimental.enable_op_determinism()
+    problem, weights, data = _problem()
+    online.run(problem, **data, config=_config(), workdir=str(tmp_path / "a"), log=None)
+    uninterrupted = weights.phi.numpy().copy()
+
+    problem, weights, data = _problem()
+    partial = online.run(
+        problem,
+        **data,
+        config=_config(),
+        workdir=str(tmp_path / "b"),
+        log=None,
+        stop_after_meta_steps=12,
+    )
+    assert partial.meta_steps == 12
+    problem, weights, data = _problem()  # a fresh process would rebuild everything
+    resumed = online.run(problem, **data, config=_config(), workdir=str(tmp_path / "b"), log=None)
+    assert resumed.resumed_from == 12
+    np.testing.assert_allclose(weights.phi.numpy(), uninterrupted, atol=1e-6)
+    assert resumed.history["meta_step"][0] == 0  # history from before the stop is kept
+
+
+def test_non_finite_meta_gradient_is_skipped_and_counted(tmp_path):
+    problem, weights, data = _problem(sqrt_weights=True)
+    weights.phi.assign(tf.zeros_like(weights.phi))
+    lines = []
+    result = online.run(
+        problem,
+        **data,
+        config=_config(num_meta_steps=4, warmup_steps=0, log_every=1),
+        workdir=str(tmp_path),
+        log=lines.append,
+    )
+    assert result.skipped_meta_steps == 4
+    np.testing.assert_array_equal(weights.phi.numpy(), 0.0)
+    assert any("non-finite meta-gradient; update skipped" in line for line in lines)
+
+
+def test_non_finite_pt_loss_stops_naming_the_step(tmp_path):
+    problem, _, data = _problem(nan_index=40, shuffle=False)  # in batch 3 (16 per batch)
+    with pytest.raises(online.NonFiniteLossError, match="at PT step 3 "):
+        online.run(problem, **data, config=_config(), workdir=str(tmp_path), log=None)
+
+
+def test_bad_config_fields_are_named():
+    c = _config()
+    c.solver = "lbfgs"
+    with pytest.raises(ValueError, match=r"config.meta.solver must be one of .*'lbfgs'"):
+        online.validate_config(c)
+    c = _config(pt_steps_per_meta_step=0)
+    with pytest.raises(ValueError, match="config.meta.pt_steps_per_meta_step must be an int >= 1"):
+        online.validate_config(c)
+    c = ml_collections.ConfigDict(dict(_config()))
+    c.bogus = 1
+    with pytest.raises(ValueError, match="Unknown field.*config.meta.bogus.*Valid fields: "):
+        online.validate_config(c)
