@@ -2,7 +2,8 @@
 # installed with the pinned constraints, so a machine needs nothing but Python 3.11.
 #
 #   make venv        create/refresh .venv (re-runs when pyproject.toml or the pins change)
-#   make run         run the hypergradient demo trainer (extra flags: make run ARGS="...")
+#   make run         the main job: configs/mnist_noisy_labels.py end to end (ARGS="..." for flags)
+#   make demo        the hypergradient demo (trainers/hypergrad_demo.py)
 #   make test        ruff, then the fast test suite (this is what .ci/run does)
 #   make test-slow   only the tests marked @pytest.mark.slow
 #   make lint        ruff, and check that BUILD is up to date with the sources
@@ -29,7 +30,7 @@ TF_ENV := TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=2
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-slow lint build-file bench clean distclean
+.PHONY: venv run demo test test-slow lint build-file bench clean distclean
 
 venv: $(STAMP)
 
@@ -44,6 +45,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 run: venv
+	$(TF_ENV) $(VENV_PY) -m trainers.meta_pretrain --config=configs/mnist_noisy_labels.py \
+	  --workdir=runs/mnist_noisy_labels $(ARGS)
+
+demo: venv
 	$(TF_ENV) $(VENV_PY) -m trainers.hypergrad_demo $(ARGS)
 
 test: venv
