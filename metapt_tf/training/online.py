@@ -75,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     # per-example meta-gradients into sign votes and loses their relative sizes.
     c.meta_optimizer = "adam"
     c.meta_learning_rate = 1e-2
+    c.meta_grad_clip_norm = 0.0  # > 0: clip the meta-gradient's global norm to this first
     c.log_every = 10  # meta-steps (warm-up logs every log_every * P PT steps)
     c.checkpoint_every = 25  # meta-steps
     c.max_checkpoints = 2
@@ -125,12 +126,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         integer(field, 1)
     for field in ("pt_learning_rate", "ft_learning_rate", "meta_learning_rate"):
         positive(field)
-    if (
-        isinstance(c.cg_damping, bool)
-        or not isinstance(c.cg_damping, int | float)
-        or (c.cg_damping < 0)
-    ):
-        raise _fail("cg_damping", c.cg_damping, "a number >= 0")
+    for field in ("cg_damping", "meta_grad_clip_norm"):
+        v = c[field]
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise _fail(field, v, "a number >= 0")
     if c.neumann_alpha != "auto":
         positive("neumann_alpha")
     choice("pt_optimizer", OPTIMIZERS)
@@ -380,6 +379,8 @@ class _Loop:
         }
 
     def _apply_meta(self, grads):
+        if self.c.meta_grad_clip_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, self.c.meta_grad_clip_norm)
         if self.c.meta_optimizer == "normalized_sgd":
             norm = tf.linalg.global_norm(grads)
             scale = tf.where(norm > 0, 1.0 / norm, tf.zeros_like(norm))

@@ -177,3 +177,23 @@ def test_bad_config_fields_are_named():
     c.bogus = 1
     with pytest.raises(ValueError, match="Unknown field.*config.meta.bogus.*Valid fields: "):
         online.validate_config(c)
+
+
+def test_meta_gradient_clipping_bounds_each_meta_update(tmp_path):
+    problem, weights, data = _problem()
+    clip, lr = 1e-3, 10.0
+    c = _config(
+        num_meta_steps=3,
+        warmup_steps=0,
+        log_every=1,
+        meta_optimizer="sgd",
+        meta_learning_rate=lr,
+        meta_grad_clip_norm=clip,
+    )
+    online.run(problem, **data, config=c, workdir=str(tmp_path), log=None)
+    # Three SGD steps of at most lr * clip each.
+    assert 0 < np.linalg.norm(weights.phi.numpy()) <= 3 * lr * clip * (1 + 1e-5)
+    problem, weights, data = _problem()
+    c.meta_grad_clip_norm = 0.0
+    online.run(problem, **data, config=c, workdir=str(tmp_path / "unclipped"), log=None)
+    assert np.linalg.norm(weights.phi.numpy()) > 3 * lr * clip  # the clip did bind
