@@ -197,3 +197,19 @@ def test_meta_gradient_clipping_bounds_each_meta_update(tmp_path):
     c.meta_grad_clip_norm = 0.0
     online.run(problem, **data, config=c, workdir=str(tmp_path / "unclipped"), log=None)
     assert np.linalg.norm(weights.phi.numpy()) > 3 * lr * clip  # the clip did bind
+
+
+def test_tensorboard_serves_a_runs_scalars(tmp_path):
+    from test_tensorboard_server import read_scalars  # same directory: the real server
+
+    problem, _, data = _problem()
+    c = _config(num_meta_steps=10, warmup_steps=0, log_every=5)
+    result = online.run(problem, **data, config=c, workdir=str(tmp_path), log=None)
+    served = read_scalars(str(tmp_path), "ft_val_loss", min_events=2)
+    logged = [
+        (s, v)
+        for s, v in zip(result.history["pt_step"], result.history["ft_val_loss"], strict=True)
+        if v is not None
+    ]
+    assert [s for s, _ in served] == [s for s, _ in logged] == [10, 20]
+    np.testing.assert_allclose([v for _, v in served], [v for _, v in logged], rtol=1e-6)
