@@ -13,7 +13,7 @@ import importlib.util
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from metapt_tf.training import mnist_experiments, online
@@ -70,6 +70,9 @@ def check_overrides(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str]) -> None:
+    # Progress, results and warnings only: TensorFlow's INFO lines (one per
+    # checkpoint write) would bury the progress lines.
+    logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not _WORKDIR.value:
