@@ -44,6 +44,7 @@ HEAD_MODES = ("persistent", "reinit", "pt_head")
 SOLVERS = ("neumann", "cg", "identity")
 OPTIMIZERS = ("adam", "sgd")
 META_OPTIMIZERS = ("adam", "sgd", "normalized_sgd")
+META_LR_DECAYS = ("none", "linear", "cosine")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
     # per-example meta-gradients into sign votes and loses their relative sizes.
     c.meta_optimizer = "adam"
     c.meta_learning_rate = 1e-2
+    # "linear" / "cosine": the meta learning rate decays to 0 over the meta-steps, so
+    # late meta-gradients (noisier once PT has converged) move phi less.
+    c.meta_lr_decay = "none"
     c.meta_grad_clip_norm = 0.0  # > 0: clip the meta-gradient's global norm to this first
     c.log_every = 10  # meta-steps (warm-up logs every log_every * P PT steps)
     c.checkpoint_every = 25  # meta-steps
@@ -134,6 +138,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         positive("neumann_alpha")
     choice("pt_optimizer", OPTIMIZERS)
     choice("meta_optimizer", META_OPTIMIZERS)
+    choice("meta_lr_decay", META_LR_DECAYS)
     choice("ft_optimizer", FT_OPTIMIZERS)
     choice("head", HEAD_MODES)
     choice("solver", SOLVERS)
@@ -164,6 +169,15 @@ def _keras_optimizer(name: str, learning_rate: float):
     if name == "adam":
         return tf.keras.optimizers.Adam(learning_rate)
     return tf.keras.optimizers.SGD(learning_rate)
+
+
+def _meta_learning_rate(c: ml_collections.ConfigDict):
+    steps = max(c.num_meta_steps, 1)
+    if c.meta_lr_decay == "linear":
+        return tf.keras.optimizers.schedules.PolynomialDecay(c.meta_learning_rate, steps, 0.0)
+    if c.meta_lr_decay == "cosine":
+        return tf.keras.optimizers.schedules.CosineDecay(c.meta_learning_rate, steps)
+    return c.meta_learning_rate
 
 
 @dataclasses.dataclass
@@ -235,7 +249,7 @@ class _Loop:
         self.pt_optimizer = _keras_optimizer(c.pt_optimizer, c.pt_learning_rate)
         self.meta_optimizer = _keras_optimizer(
             "sgd" if c.meta_optimizer == "normalized_sgd" else c.meta_optimizer,
-            c.meta_learning_rate,
+            _meta_learning_rate(c),
         )
         self.pt_optimizer.build(self.pt_params)
         self.meta_optimizer.build(self.meta_params)

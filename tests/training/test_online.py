@@ -213,3 +213,24 @@ def test_tensorboard_serves_a_runs_scalars(tmp_path):
     ]
     assert [s for s, _ in served] == [s for s, _ in logged] == [10, 20]
     np.testing.assert_allclose([v for _, v in served], [v for _, v in logged], rtol=1e-6)
+
+
+def test_normalized_sgd_with_linear_decay_takes_shrinking_steps(tmp_path):
+    c = _config(
+        num_meta_steps=4,
+        warmup_steps=0,
+        log_every=1,
+        checkpoint_every=1,
+        meta_optimizer="normalized_sgd",
+        meta_learning_rate=0.4,
+        meta_lr_decay="linear",
+    )
+    phis = [np.zeros(N_PT)]
+    for k in range(1, 5):  # one meta-step per call, resuming each time
+        problem, weights, data = _problem()
+        online.run(
+            problem, **data, config=c, workdir=str(tmp_path), log=None, stop_after_meta_steps=k
+        )
+        phis.append(weights.phi.numpy().copy())
+    steps = [np.linalg.norm(b - a) for a, b in zip(phis, phis[1:], strict=False)]
+    np.testing.assert_allclose(steps, [0.4, 0.3, 0.2, 0.1], rtol=1e-4)
