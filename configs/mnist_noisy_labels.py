@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # g / ||g||); Adam would reduce each example's history to sign votes.
     config.meta.meta_optimizer = "normalized_sgd"
     config.meta.meta_learning_rate = 1.0  # larger steps saturate weights (w at 0 or 2) early
+    config.meta.meta_lr_decay = "linear"  # the signal fades once PT fits the noisy labels
     config.meta.log_every = 25
     config.meta.checkpoint_every = 25
 
