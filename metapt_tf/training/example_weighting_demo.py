@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from metapt_tf import hypergrad
+from metapt_tf.training import reporting
 
 SOLVERS = ("cg", "neumann", "identity")
 PT_OPTIMIZERS = ("sgd", "adam")
@@ -97,33 +98,6 @@ class DemoResult:
     ft_val_loss_end: float
     steps_per_sec: float
     workdir: str | None
-
-
-def weight_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Rank-based AUROC (Mann-Whitney U) of `scores` for the boolean labels `positive`.
-
-    Ties count one half. Raises ValueError unless both classes are present.
-    """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    positive = np.asarray(positive, dtype=bool).reshape(-1)
-    if scores.shape != positive.shape:
-        raise ValueError(
-            f"scores and positive must have the same length. Received: {scores.shape[0]} "
-            f"and {positive.shape[0]}."
-        )
-    num_pos = int(positive.sum())
-    num_neg = positive.size - num_pos
-    if num_pos == 0 or num_neg == 0:
-        raise ValueError(
-            f"AUROC needs both classes. Received: {num_pos} positive, {num_neg} negative."
-        )
-    # Average ranks (1-based), ties sharing the mean of their ranks.
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    average_rank = ends - (counts - 1) / 2.0
-    ranks = average_rank[inverse]
-    u = ranks[positive].sum() - num_pos * (num_pos + 1) / 2.0
-    return float(u / (num_pos * num_neg))
 
 
 def _fail(name: str, value, expected: str) -> ValueError:
@@ -398,7 +372,7 @@ def run(
                 tf.summary.scalar("ft_val_loss", val_loss)
                 tf.summary.scalar("weights/mean_clean", w_clean)
                 tf.summary.scalar("weights/mean_corrupted", w_corrupt)
-                tf.summary.scalar("weights/auroc", weight_auroc(w, clean))
+                tf.summary.scalar("weights/auroc", reporting.auroc(w, clean))
                 tf.summary.scalar("solver/residual", residual)
                 if math.isfinite(rate):
                     tf.summary.scalar("steps_per_sec", rate)
@@ -417,7 +391,7 @@ def run(
         solver_residual_history=np.asarray(residuals),
         mean_weight_clean=float(final[clean].mean()),
         mean_weight_corrupted=float(final[~clean].mean()),
-        auroc=weight_auroc(final, clean),
+        auroc=reporting.auroc(final, clean),
         ft_val_loss_start=val_losses[0],
         ft_val_loss_end=val_losses[-1],
         steps_per_sec=(total - 1) / elapsed_after_first if total > 1 else float("nan"),

@@ -40,23 +40,11 @@ NUM_CLASSES = 10
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Rank AUROC of `scores` for boolean labels `positive` (ties count one half)."""
-    scores = np.asarray(scores, np.float64)
+    """`reporting.auroc`, but NaN rather than an error when a class is absent."""
     positive = np.asarray(positive, bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if positive.all() or not positive.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return reporting.auroc(scores, positive)
 
 
 def _fail(field: str, value, expected: str) -> ValueError:
@@ -186,10 +174,11 @@ def _build_problem(config, split: _Split, seed: int):
 
         def describe():
             w = weights.all_weights().numpy()
+            stats = _weight_stats(w, split.noisy)
             return {
-                "weights/auroc_clean_vs_noisy": auroc(w, ~split.noisy),
-                "weights/mean_clean": float(w[~split.noisy].mean()),
-                "weights/mean_noisy": float(w[split.noisy].mean()),
+                "weights/auroc_clean_vs_noisy": stats["weights_auroc"],
+                "weights/mean_clean": stats["mean_weight_clean"],
+                "weights/mean_noisy": stats["mean_weight_noisy"],
                 "weights/all": w,
             }
 
@@ -338,16 +327,19 @@ def run(
     return results
 
 
+def _weight_stats(w: np.ndarray, noisy: np.ndarray) -> dict:
+    """How well per-example weights `w` tell clean examples from `noisy` ones."""
+    return {
+        "weights_auroc": auroc(w, ~noisy),
+        "mean_weight_clean": float(w[~noisy].mean()),
+        "mean_weight_noisy": float(w[noisy].mean()),
+    }
+
+
 def _meta_summary(config, meta, split) -> dict:
     if config.experiment == "mnist_noisy_labels":
         w = meta.all_weights().numpy()
-        return {
-            "weights_auroc": auroc(w, ~split.noisy),
-            "mean_weight_clean": float(w[~split.noisy].mean()),
-            "mean_weight_noisy": float(w[split.noisy].mean()),
-            "weights": w,
-            "noisy_mask": split.noisy,
-        }
+        return {**_weight_stats(w, split.noisy), "weights": w, "noisy_mask": split.noisy}
     p = meta.probs().numpy()
     optimal = _optimal_distribution(config)
     return {

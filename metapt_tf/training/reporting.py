@@ -209,6 +209,33 @@ def write_results(workdir: str, results: Mapping, table_md: str) -> dict[str, st
 # PNG figures
 
 
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Rank-based AUROC (Mann-Whitney U) of `scores` for the boolean labels `positive`.
+
+    Ties count one half. Raises ValueError unless both classes are present.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    if scores.shape != positive.shape:
+        raise ValueError(
+            f"scores and positive must have the same length. Received: {scores.shape[0]} "
+            f"and {positive.shape[0]}."
+        )
+    num_pos = int(positive.sum())
+    num_neg = positive.size - num_pos
+    if num_pos == 0 or num_neg == 0:
+        raise ValueError(
+            f"AUROC needs both classes. Received: {num_pos} positive, {num_neg} negative."
+        )
+    # Average ranks (1-based), ties sharing the mean of their ranks.
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_rank = ends - (counts - 1) / 2.0
+    ranks = average_rank[inverse]
+    u = ranks[positive].sum() - num_pos * (num_pos + 1) / 2.0
+    return float(u / (num_pos * num_neg))
+
+
 def _vector(name: str, value, dtype=np.float64) -> np.ndarray:
     array = np.asarray(value)
     if array.ndim != 1:

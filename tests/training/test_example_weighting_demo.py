@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import hypergrad_demo
-from metapt_tf.training import example_weighting_demo
+from metapt_tf.training import example_weighting_demo, reporting
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,12 +46,12 @@ def test_corrupted_examples_are_down_weighted(tmp_path):
 
 def test_weight_auroc_is_rank_based():
     positive = np.array([True, True, False, False])
-    assert example_weighting_demo.weight_auroc([4.0, 3.0, 2.0, 1.0], positive) == 1.0
-    assert example_weighting_demo.weight_auroc([1.0, 2.0, 3.0, 4.0], positive) == 0.0
+    assert reporting.auroc([4.0, 3.0, 2.0, 1.0], positive) == 1.0
+    assert reporting.auroc([1.0, 2.0, 3.0, 4.0], positive) == 0.0
     # One positive ties with one negative: that pair counts one half.
-    assert example_weighting_demo.weight_auroc([3.0, 2.0, 2.0, 1.0], positive) == 0.875
+    assert reporting.auroc([3.0, 2.0, 2.0, 1.0], positive) == 0.875
     with pytest.raises(ValueError, match="both classes"):
-        example_weighting_demo.weight_auroc([1.0, 2.0], [True, True])
+        reporting.auroc([1.0, 2.0], [True, True])
 
 
 def test_bad_config_value_is_named():
