@@ -27,8 +27,6 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (checkpoints, TensorBoard, results, export)."
 )
 
-_RUNNERS = {name: mnist_experiments.run for name in mnist_experiments.EXPERIMENTS}
-
 
 def _flat_keys(config, prefix="") -> list[str]:
     keys = []
@@ -78,17 +76,12 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (where results and checkpoints go).")
     config = _CONFIG.value
-    experiment = config.get("experiment")
-    if experiment not in _RUNNERS:
-        raise app.UsageError(
-            f"config.experiment must be one of {tuple(_RUNNERS)}. Received: {experiment!r}."
-        )
     try:
-        mnist_experiments.validate_config(config)
+        mnist_experiments.validate_config(config)  # config.experiment included
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     try:
-        _RUNNERS[experiment](config, _WORKDIR.value)
+        mnist_experiments.run(config, _WORKDIR.value)
     except online.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

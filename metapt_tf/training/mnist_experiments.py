@@ -319,7 +319,7 @@ def run(
     results = _aggregate(config, per_seed, digits, exported, time.perf_counter() - start)
     table = _table(config, results)
     paths = reporting.write_results(workdir, _strip_history(results), table)
-    _figures(config, per_seed, workdir, digits, results)
+    _figures(config, per_seed, workdir, results)
     say("\n" + table)
     say(f"\nResults:     {paths['json']}, {paths['markdown']} (figures: {workdir}/*.png)")
     say(f"SavedModel:  {exported or 'not exported (config.export=False)'}")
@@ -448,7 +448,7 @@ def _pm(results, key) -> str:
     return f"{results[key + '_mean']:.4f} +- {results[key + '_std']:.4f}"
 
 
-def _figures(config, per_seed, workdir, digits, results) -> None:
+def _figures(config, per_seed, workdir, results) -> None:
     first = per_seed[0]["meta_pt"]
     history = first["history"]
     steps = [
@@ -479,4 +479,3 @@ def _figures(config, per_seed, workdir, digits, results) -> None:
             [f"{a}" for a in config.augment.bin_angles],
             "Learned PT rotation distribution vs optimal (degrees)",
         )
-    del digits
