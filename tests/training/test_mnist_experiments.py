@@ -67,3 +67,15 @@ def test_auroc_matches_the_pairwise_definition():
     pos, neg = scores[labels], scores[~labels]
     pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
     assert mnist_experiments.auroc(scores, labels) == pytest.approx(pairwise)
+
+
+@pytest.mark.parametrize("name", ["mnist_noisy_labels", "mnist_augment"])
+def test_gpu_variants_are_valid_configs(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("gpu")
+    mnist_experiments.validate_config(c)
+    assert c.data.source == "tfds" and c.data.num_pt == 60000
+    with pytest.raises(ValueError, match="the only variant is 'gpu'"):
+        module.get_config("tpu")

@@ -234,3 +234,13 @@ def test_normalized_sgd_with_linear_decay_takes_shrinking_steps(tmp_path):
         phis.append(weights.phi.numpy().copy())
     steps = [np.linalg.norm(b - a) for a, b in zip(phis, phis[1:], strict=False)]
     np.testing.assert_allclose(steps, [0.4, 0.3, 0.2, 0.1], rtol=1e-4)
+
+
+def test_reinitialised_head_runs_and_learns(tmp_path):
+    problem, weights, data = _problem()
+    result = online.run(
+        problem, **data, config=_config(head="reinit"), workdir=str(tmp_path), log=None
+    )
+    assert result.meta_steps == 30 and result.skipped_meta_steps == 0
+    assert np.all(np.isfinite(result.history["ft_val_loss"][-1]))
+    assert not np.allclose(weights.phi.numpy(), 0.0)
