@@ -41,6 +41,8 @@ PIP_PLACEHOLDERS: dict[str, tuple[str, str]] = {
     "tensorflow_datasets": ("expect_tensorflow_datasets_installed", "tensorflow-datasets"),
     "tensorflow_gnn": ("expect_tensorflow_gnn_installed", "tensorflow-gnn"),
     "tf_keras": ("expect_tf_keras_installed", "tf-keras"),
+    "torch": ("expect_torch_installed", "torch"),
+    "torch_geometric": ("expect_torch_geometric_installed", "torch-geometric"),
 }
 
 HEADER = """\

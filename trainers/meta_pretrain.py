@@ -9,7 +9,6 @@ and lists the valid ones. Re-running with the same --workdir resumes from the
 last checkpoints.
 """
 
-import importlib.util
 import pathlib
 import sys
 
@@ -17,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from metapt_tf.training import mnist_experiments, online
+from trainers.config_overrides import check_overrides
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "mnist_noisy_labels.py"
 
@@ -26,45 +26,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (checkpoints, TensorBoard, results, export)."
 )
-
-
-def _flat_keys(config, prefix="") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        keys.append(name)
-        if hasattr(value, "items") and not isinstance(value, dict):
-            keys.extend(_flat_keys(value, name + "."))
-    return keys
-
-
-def check_overrides(argv: list[str]) -> str | None:
-    """Returns an error message for `--config.<field>` overrides that name no field."""
-    path = str(_DEFAULT_CONFIG)
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-    file, _, variant = path.partition(":")
-    if not pathlib.Path(file).is_file():
-        return f"--config: no such config file: {file!r}."
-    spec = importlib.util.spec_from_file_location("_config_module", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        config = module.get_config(variant or None) if variant else module.get_config()
-    except (TypeError, ValueError) as e:
-        return f"--config={path}: {e}"
-    valid = _flat_keys(config)
-    for arg in argv:
-        if arg.startswith("--config."):
-            field = arg[len("--config.") :].split("=", 1)[0]
-            if field not in valid:
-                return f"Unknown config field {field!r} (from {arg!r}). Valid fields: " + ", ".join(
-                    valid
-                )
-    return None
 
 
 def main(argv: list[str]) -> None:
@@ -88,7 +49,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    message = check_overrides(sys.argv[1:])
+    message = check_overrides(sys.argv[1:], _DEFAULT_CONFIG)
     if message:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -345,6 +345,35 @@ def plot_weight_histograms(
     return _save_png(fig, path)
 
 
+def plot_weights_by_group(
+    path: str, weights: np.ndarray, groups: Sequence[str], title: str, xlabel: str = "weight"
+) -> str:
+    """One point per weight, on a row per group (e.g. task weights by ground-truth kind).
+
+    Points are jittered vertically within their row; each row is annotated with
+    the group's size and mean weight. Writes a PNG to `path` and returns `path`.
+    """
+    weights = _vector("weights", weights)
+    groups = [str(g) for g in groups]
+    _same_lengths(weights=weights, groups=np.asarray(groups))
+    if weights.size == 0:
+        raise ValueError("weights must not be empty. Received: 0 weights.")
+    names = list(dict.fromkeys(groups))
+    rng = np.random.default_rng(0)
+    fig = _new_figure((6.0, 1.0 + 0.8 * len(names)))
+    ax = fig.add_subplot()
+    labels = np.asarray(groups)
+    ticks = []
+    for row, name in enumerate(names):
+        w = weights[labels == name]
+        ax.scatter(w, row + rng.uniform(-0.25, 0.25, size=w.size), s=6, alpha=0.6)
+        ticks.append(f"{name}\nn={w.size}, mean {w.mean():.2f}")
+    ax.set_yticks(range(len(names)), ticks)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return _save_png(fig, path)
+
+
 def plot_curves(
     path: str,
     curves: Mapping[str, tuple[Sequence, Sequence]],

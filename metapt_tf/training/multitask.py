@@ -1,0 +1,219 @@
+"""Multitask baselines: co-training PT and FT tasks, optionally with PCGrad.
+
+CoTrain trains one backbone on the PT tasks and the FT tasks at once, each
+with its own head: loss = L_PT(PT batch) + L_FT(FT batch). CoTrain + PCGrad
+(Yu et al., "Gradient Surgery for Multi-Task Learning", 2020) treats the two as
+tasks and, where their gradients on the shared backbone conflict (negative
+inner product), projects each onto the normal plane of the other before
+summing. Heads are task-specific and keep their own gradients.
+
+`pcgrad` is a pure function over gradient lists; `cotrain` is the resumable
+training loop (checkpoints, TensorBoard, progress lines) around it.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+Grads = list[tf.Tensor]
+
+
+def _dot(a: Grads, b: Grads) -> tf.Tensor:
+    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b, strict=True)])
+
+
+def pcgrad(task_grads: Sequence[Grads]) -> Grads:
+    """Gradient surgery: the sum of the task gradients after removing conflicts.
+
+    For each task i, g_i is projected, for every other task j in turn (in a fixed
+    order), onto the normal plane of g_j whenever the current g_i conflicts with
+    g_j (<g_i, g_j> < 0): g_i <- g_i - <g_i, g_j> / ||g_j||^2 g_j. The result is
+    the sum of the projected gradients. For two tasks the order does not matter.
+
+    Args:
+      task_grads: one list of gradients per task, all over the same (shared)
+        variables, in the same order and shapes.
+
+    Returns:
+      The combined gradient, a list like each `task_grads[i]`.
+    """
+    if len(task_grads) < 2:
+        raise ValueError(f"pcgrad needs at least 2 tasks. Received: {len(task_grads)}.")
+    lengths = {len(g) for g in task_grads}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"Every task's gradient list must cover the same variables. Received lengths "
+            f"{[len(g) for g in task_grads]}."
+        )
+    originals = [[tf.convert_to_tensor(t) for t in g] for g in task_grads]
+    projected = []
+    for i, g_i in enumerate(originals):
+        g = list(g_i)
+        for j, g_j in enumerate(originals):
+            if i == j:
+                continue
+            inner = _dot(g, g_j)
+            norm_sq = _dot(g_j, g_j)
+            coef = tf.where(
+                (inner < 0) & (norm_sq > 0),
+                inner / tf.maximum(norm_sq, 1e-30),
+                tf.zeros_like(inner),
+            )
+            g = [a - coef * b for a, b in zip(g, g_j, strict=True)]
+        projected.append(g)
+    return [tf.add_n(list(parts)) for parts in zip(*projected, strict=True)]
+
+
+@dataclasses.dataclass
+class CotrainResult:
+    steps: int
+    history: dict[str, list]
+    seconds: float
+    conflicts: int  # steps on which the two tasks' backbone gradients conflicted
+
+
+def cotrain(
+    *,
+    shared_params: list[tf.Variable],
+    pt_head_params: list[tf.Variable],
+    ft_head_params: list[tf.Variable],
+    pt_loss_fn: Callable,
+    ft_loss_fn: Callable,
+    pt_data: tf.data.Dataset,
+    ft_data: tf.data.Dataset,
+    num_steps: int,
+    learning_rate: float,
+    use_pcgrad: bool,
+    workdir: str,
+    log: Callable[[str], None] | None = print,
+    log_every: int = 100,
+    checkpoint_every: int = 500,
+) -> CotrainResult:
+    """Trains the backbone on PT and FT tasks jointly for `num_steps` Adam steps.
+
+    Args:
+      shared_params: the backbone's variables (both tasks' gradients reach them).
+      pt_head_params, ft_head_params: each task's own head.
+      pt_loss_fn, ft_loss_fn: `batch -> scalar` on a PT / FT batch; read the
+        backbone and their head.
+      pt_data, ft_data: infinite batched datasets; their iterators are
+        checkpointed, so a resumed run sees the batches it would have seen.
+      use_pcgrad: combine the backbone gradients with `pcgrad` instead of summing.
+      workdir: checkpoints, TensorBoard events and `history.json`; a run with an
+        existing checkpoint there resumes from it.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1. Received: num_steps={num_steps}.")
+    say = log or (lambda _: None)
+    start = time.perf_counter()
+    params = list(shared_params) + list(pt_head_params) + list(ft_head_params)
+    optimizer = tf.keras.optimizers.Adam(learning_rate)
+    optimizer.build(params)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    conflicts = tf.Variable(0, dtype=tf.int64, trainable=False, name="conflicts")
+    pt_iter, ft_iter = iter(pt_data), iter(ft_data)
+    checkpoint = tf.train.Checkpoint(
+        params=params,
+        optimizer=optimizer,
+        step=step,
+        conflicts=conflicts,
+        pt_iterator=pt_iter,
+        ft_iterator=ft_iter,
+    )
+    os.makedirs(workdir, exist_ok=True)
+    manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=2
+    )
+    history_path = os.path.join(workdir, "history.json")
+    records: list[dict] = []
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        if os.path.exists(history_path):
+            with open(history_path) as f:
+                records = [r for r in json.load(f) if r["step"] <= int(step.numpy())]
+        say(f"Resuming co-training from {manager.latest_checkpoint} (step {int(step.numpy())}).")
+    n_shared = len(shared_params)
+
+    @tf.function
+    def train_steps(n):
+        pt_losses = tf.TensorArray(tf.float32, size=n)
+        ft_losses = tf.TensorArray(tf.float32, size=n)
+        for i in tf.range(n):
+            pt_batch, ft_batch = next(pt_iter), next(ft_iter)
+            with tf.GradientTape(persistent=True) as tape:
+                pt_loss = pt_loss_fn(pt_batch)
+                ft_loss = ft_loss_fn(ft_batch)
+            pt_grads = tape.gradient(
+                pt_loss,
+                shared_params + pt_head_params,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            ft_grads = tape.gradient(
+                ft_loss,
+                shared_params + ft_head_params,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            del tape
+            g_pt, g_ft = pt_grads[:n_shared], ft_grads[:n_shared]
+            if use_pcgrad:
+                shared = pcgrad([g_pt, g_ft])
+            else:
+                shared = [a + b for a, b in zip(g_pt, g_ft, strict=True)]
+            conflicts.assign_add(tf.cast(_dot(g_pt, g_ft) < 0, tf.int64))
+            grads = shared + pt_grads[n_shared:] + ft_grads[n_shared:]
+            optimizer.apply_gradients(zip(grads, params, strict=True))
+            step.assign_add(1)
+            pt_losses = pt_losses.write(i, tf.cast(pt_loss, tf.float32))
+            ft_losses = ft_losses.write(i, tf.cast(ft_loss, tf.float32))
+        return pt_losses.stack(), ft_losses.stack()
+
+    writer = tf.summary.create_file_writer(workdir)
+    name = "CoTrain + PCGrad" if use_pcgrad else "CoTrain"
+    while int(step.numpy()) < num_steps:
+        done = int(step.numpy())
+        n = min(log_every, num_steps - done)
+        t0 = time.perf_counter()
+        pt_l, ft_l = (x.numpy() for x in train_steps(tf.constant(n)))
+        if not (np.all(np.isfinite(pt_l)) and np.all(np.isfinite(ft_l))):
+            raise FloatingPointError(
+                f"{name}: non-finite loss between steps {done + 1} and {done + n} "
+                f"(PT {pt_l.tolist()[-1]}, FT {ft_l.tolist()[-1]}); lower the learning rate "
+                f"({learning_rate}). The last checkpoint is in {manager.directory}."
+            )
+        rate = n / (time.perf_counter() - t0)
+        entry = {
+            "step": done + n,
+            "pt_loss": float(pt_l.mean()),
+            "ft_loss": float(ft_l.mean()),
+            "conflict_fraction": int(conflicts.numpy()) / (done + n),
+            "steps_per_sec": rate,
+        }
+        records.append(entry)
+        with writer.as_default(step=done + n):
+            for key, value in entry.items():
+                if key != "step":
+                    tf.summary.scalar(key, value)
+        writer.flush()
+        say(
+            f"{name} step {done + n}/{num_steps}  pt_loss {entry['pt_loss']:.4f}  "
+            f"ft_loss {entry['ft_loss']:.4f}  {rate:.1f} steps/s"
+        )
+        if (done + n) % checkpoint_every < n or done + n >= num_steps:
+            manager.save(checkpoint_number=done + n)
+            tmp = history_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(records, f)
+            os.replace(tmp, history_path)
+    writer.close()
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return CotrainResult(
+        steps=int(step.numpy()),
+        history={k: [r.get(k) for r in records] for k in keys},
+        seconds=time.perf_counter() - start,
+        conflicts=int(conflicts.numpy()),
+    )

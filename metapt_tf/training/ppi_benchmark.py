@@ -1,0 +1,676 @@
+"""Multitask GNN pre-training on ego-graphs: learned task weights against the baselines.
+
+The paper's PPI experiment, on any dataset in the layout of
+`metapt_tf.data.graphs` (the synthetic PPI-like benchmark by default, or the
+converted pretrain-gnns "bio" dataset). A directory holds `schema.pbtxt` and
+three TFRecord files of ego-graphs: `pt.tfrecord` (graphs with PT labels),
+`ft_train.tfrecord` (the labelled FT pool) and `test.tfrecord` (held out).
+
+Methods (all share the GIN backbone and the PT schedule's length):
+* `no_pt`: fine-tuning from a freshly initialised GIN;
+* `supervised_pt`: PT on every PT task with weight 1;
+* `cotrain`: PT tasks and FT tasks trained jointly, each with its own head;
+* `cotrain_pcgrad`: the same, with PCGrad on the backbone's gradients;
+* `meta_pt`: online meta-parameterised PT (`online.run`) with one weight per
+  PT task, w = 2 sigmoid(phi), phi = 0 at the start, learned through the FT
+  validation loss after K unrolled FT-head steps.
+
+Settings: `full` (all labelled FT graphs and FT tasks), `partial` (a seeded
+`partial_fraction` of the labelled FT graphs, for meta-PT, co-training and the
+final FT), `held_out` (meta-PT and co-training see the first
+`held_out_meta_fraction` of the FT tasks; the final FT and the test use the
+others). Meta-PT splits its FT graphs into FT-train / FT-val
+(`meta_val_fraction`). Every method ends with fine-tuning a fresh head on the
+setting's labelled FT graphs and the per-task test ROC-AUC, averaged over tasks.
+
+Everything lands in `workdir`: the dataset (`data/`, generated once), one
+directory per seed/setting/method (checkpoints, TensorBoard, `result.json`;
+finished parts are skipped when the run is restarted), `results.json`,
+`results.md`, `task_weights.png` and the SavedModel of the seed-0 meta-PT model
+in the full setting, `export/<version>/`.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_gnn as tfgnn
+
+import export
+from metapt_tf.data import graphs, synthetic_ppi
+from metapt_tf.meta_params import TaskWeights
+from metapt_tf.models import gin_backbone
+from metapt_tf.training import finetune, interfaces, multitask, online, reporting
+
+METHODS = ("no_pt", "supervised_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
+SETTINGS = ("full", "partial", "held_out")
+METHOD_NAMES = {
+    "no_pt": "No PT",
+    "supervised_pt": "Supervised PT",
+    "cotrain": "CoTrain",
+    "cotrain_pcgrad": "CoTrain + PCGrad",
+    "meta_pt": "Meta-parameterized PT",
+}
+SOURCES = ("synthetic", "tfrecord")
+FILES = ("pt.tfrecord", "ft_train.tfrecord", "test.tfrecord")
+SCHEMA_FILE = "schema.pbtxt"
+TASK_INFO_FILE = "task_info.json"
+
+
+def _fail(field: str, value, expected: str) -> ValueError:
+    return ValueError(f"config.{field} must be {expected}. Received: config.{field}={value!r}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field (before any training starts)."""
+    if config.experiment != "ppi_multitask":
+        raise _fail("experiment", config.experiment, "'ppi_multitask'")
+    if not isinstance(config.seeds, tuple | list) or not config.seeds:
+        raise _fail("seeds", config.seeds, "a non-empty tuple of ints")
+    for name, allowed in (("methods", METHODS), ("settings", SETTINGS)):
+        value = config[name]
+        if not isinstance(value, tuple | list) or not value or any(v not in allowed for v in value):
+            raise _fail(name, value, f"a non-empty tuple drawn from {allowed}")
+    d = config.data
+    if d.source not in SOURCES:
+        raise _fail("data.source", d.source, f"one of {SOURCES}")
+    if d.source == "tfrecord" and not d.dir:
+        raise _fail("data.dir", d.dir, "a directory with schema.pbtxt and " + ", ".join(FILES))
+    for field in ("pt_batch_size", "meta_pt_batch_size", "ft_batch_size"):
+        if not isinstance(d[field], int) or d[field] < 1:
+            raise _fail(f"data.{field}", d[field], "an int >= 1")
+    for field in ("meta_val_fraction", "partial_fraction", "held_out_meta_fraction"):
+        if not 0.0 < float(d[field]) < 1.0:
+            raise _fail(f"data.{field}", d[field], "in (0, 1)")
+    m = config.model
+    if not isinstance(m.num_layers, int) or m.num_layers < 1:
+        raise _fail("model.num_layers", m.num_layers, "an int >= 1")
+    if not isinstance(m.hidden_units, int) or m.hidden_units < 1:
+        raise _fail("model.hidden_units", m.hidden_units, "an int >= 1")
+    for field in ("pt_dropout", "ft_dropout"):
+        if not 0.0 <= float(m[field]) < 1.0:
+            raise _fail(f"model.{field}", m[field], "in [0, 1)")
+    if config.cotrain.learning_rate <= 0:
+        raise _fail("cotrain.learning_rate", config.cotrain.learning_rate, "> 0")
+    f = config.finetune
+    if f.mode not in finetune.MODES:
+        raise _fail("finetune.mode", f.mode, f"one of {finetune.MODES}")
+    if not isinstance(f.epochs, int) or f.epochs < 1:
+        raise _fail("finetune.epochs", f.epochs, "an int >= 1")
+    if f.learning_rate <= 0:
+        raise _fail("finetune.learning_rate", f.learning_rate, "> 0")
+    online.validate_config(config.meta)
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class _Data:
+    """The dataset on disk and what the benchmark needs to know about it."""
+
+    directory: str
+    schema: tfgnn.GraphSchema
+    description: str
+    num_pt_tasks: int
+    num_ft_tasks: int
+    num_ft_graphs: int
+    task_kinds: list[str] | None  # ground truth per PT task, when known
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
+    """The synthetic benchmark (generated once into workdir/data) or a converted dataset."""
+    d = config.data
+    if d.source == "synthetic":
+        directory = os.path.join(workdir, "data")
+        if not os.path.exists(os.path.join(directory, SCHEMA_FILE)):
+            s = d.synthetic
+            say(
+                f"Generating the synthetic PPI-like benchmark ({s.num_pt_graphs} PT, "
+                f"{s.num_ft_graphs} labelled FT, {s.num_test_graphs} test graphs; "
+                f"{s.num_pt_tasks} PT tasks, {s.num_ft_tasks} FT tasks) in {directory}."
+            )
+            synthetic_ppi.write_synthetic_benchmark(directory, **s.to_dict())
+        description = "synthetic PPI-like ego-graphs"
+    else:
+        directory = d.dir
+        description = f"ego-graphs from {directory}"
+    missing = [n for n in (SCHEMA_FILE, *FILES) if not os.path.exists(os.path.join(directory, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"The dataset directory {directory!r} lacks {missing}; it needs {SCHEMA_FILE} and "
+            f"{', '.join(FILES)} (see metapt_tf.data.graphs and trainers/convert_bio.py)."
+        )
+    schema = graphs.read_schema(os.path.join(directory, SCHEMA_FILE))
+    num_pt_tasks, num_ft_tasks = graphs.num_tasks(schema)
+    kinds = None
+    info_path = os.path.join(directory, TASK_INFO_FILE)
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            kinds = list(json.load(f)["kinds"])
+        if len(kinds) != num_pt_tasks:
+            raise ValueError(
+                f"{info_path} lists {len(kinds)} PT task kinds; the schema has {num_pt_tasks}."
+            )
+    return _Data(
+        directory=directory,
+        schema=schema,
+        description=description,
+        num_pt_tasks=num_pt_tasks,
+        num_ft_tasks=num_ft_tasks,
+        num_ft_graphs=graphs.count_graphs(os.path.join(directory, "ft_train.tfrecord")),
+        task_kinds=kinds,
+    )
+
+
+@dataclasses.dataclass
+class _Setting:
+    """Which labelled FT graphs and FT tasks each stage of one setting sees."""
+
+    name: str
+    ft_graphs: np.ndarray  # indices into ft_train.tfrecord: meta-PT, co-training, final FT
+    meta_train: np.ndarray  # meta-PT's FT-train / FT-val split of ft_graphs
+    meta_val: np.ndarray
+    meta_tasks: np.ndarray  # FT tasks meta-PT and co-training see
+    eval_tasks: np.ndarray  # FT tasks of the final FT and the test
+
+
+def make_setting(name: str, data: _Data, config, seed: int) -> _Setting:
+    d = config.data
+    rng = np.random.default_rng(seed + 1000)
+    pool = np.arange(data.num_ft_graphs)
+    if name == "partial":
+        keep = max(2, int(round(d.partial_fraction * len(pool))))
+        pool = np.sort(rng.permutation(pool)[:keep])
+    order = rng.permutation(pool)
+    num_val = max(1, int(round(d.meta_val_fraction * len(order))))
+    tasks = np.arange(data.num_ft_tasks)
+    meta_tasks = eval_tasks = tasks
+    if name == "held_out":
+        num_meta = int(round(d.held_out_meta_fraction * len(tasks)))
+        if not 0 < num_meta < len(tasks):
+            raise ValueError(
+                f"config.data.held_out_meta_fraction={d.held_out_meta_fraction} leaves no "
+                f"task on one side of the split of {len(tasks)} FT tasks."
+            )
+        meta_tasks, eval_tasks = tasks[:num_meta], tasks[num_meta:]
+    return _Setting(
+        name=name,
+        ft_graphs=pool,
+        meta_train=np.sort(order[num_val:]),
+        meta_val=np.sort(order[:num_val]),
+        meta_tasks=meta_tasks,
+        eval_tasks=eval_tasks,
+    )
+
+
+def _pt_dataset(data: _Data, config, seed: int, batch_size: int) -> tf.data.Dataset:
+    ds = graphs.load_dataset(
+        data.path("pt.tfrecord"),
+        data.schema,
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
+        repeat=True,
+        drop_remainder=True,
+    )
+    return ds.map(lambda b: {"graph": b["graph"], "pt_labels": b[graphs.PT_LABELS]})
+
+
+def _ft_dataset(
+    data: _Data,
+    file: str,
+    indices: np.ndarray | None,
+    tasks: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+) -> tf.data.Dataset:
+    """FT batches {"graph", "labels"} with the labels of `tasks` only."""
+    ds = graphs.load_dataset(
+        data.path(file),
+        data.schema,
+        batch_size=batch_size,
+        shuffle=train,
+        seed=seed,
+        repeat=False,
+        indices=indices,
+    )
+    tasks = tf.constant(tasks, tf.int32)
+    return ds.map(
+        lambda b: {"graph": b["graph"], "labels": tf.gather(b[graphs.FT_LABELS], tasks, axis=1)}
+    )
+
+
+# ---------------------------------------------------------------------------
+# Models and losses
+
+
+def _make_backbone(config, spec, dropout: float) -> tf.keras.Model:
+    m = config.model
+    return gin_backbone(
+        spec, num_layers=m.num_layers, hidden_units=m.hidden_units, dropout_rate=dropout
+    )
+
+
+def _weighted_bce(logits, labels, weights=None):
+    """Mean over batch and tasks of w_t * BCE (the paper's PT loss)."""
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(labels, logits.dtype), logits)
+    if weights is not None:
+        bce = bce * weights[tf.newaxis, :]
+    return tf.reduce_mean(bce)
+
+
+def _dense_head(units: int, feature_dim: int, name: str) -> tf.keras.layers.Dense:
+    head = tf.keras.layers.Dense(units, name=name)
+    head.build((None, feature_dim))
+    return head
+
+
+# ---------------------------------------------------------------------------
+# One (seed, setting, method)
+
+
+def _json_load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _json_dump(path, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(reporting.to_jsonable(value), f)
+    os.replace(tmp, path)
+
+
+class _Runner:
+    """Trains and evaluates the methods of one seed; caches finished results."""
+
+    def __init__(self, config, data: _Data, workdir: str, seed: int, say):
+        self.config, self.data, self.workdir, self.seed, self.say = config, data, workdir, seed, say
+        self.pt_data = _pt_dataset(data, config, seed, config.data.pt_batch_size)
+        # The meta-step's PT batch: larger than a PT step's, so that every task's
+        # weight gets a less noisy meta-gradient.
+        self.meta_pt_data = _pt_dataset(data, config, seed + 3, config.data.meta_pt_batch_size)
+        self.spec = self.pt_data.element_spec["graph"]
+        self.pt_steps = config.meta.warmup_steps + (
+            config.meta.num_meta_steps * config.meta.pt_steps_per_meta_step
+        )
+
+    def backbone(self, dropout: float) -> tf.keras.Model:
+        return _make_backbone(self.config, self.spec, dropout)
+
+    def ft_data(self, setting: _Setting, which: str, tasks, *, train: bool, repeat=False):
+        f = self.config.data
+        indices = {
+            "pool": setting.ft_graphs,
+            "meta_train": setting.meta_train,
+            "meta_val": setting.meta_val,
+        }.get(which)
+        file = "test.tfrecord" if which == "test" else "ft_train.tfrecord"
+        batch = f.ft_batch_size if train else 256
+        ds = _ft_dataset(
+            self.data, file, indices, tasks, batch_size=batch, seed=self.seed + 7, train=train
+        )
+        return ds.repeat() if repeat else ds
+
+    # -- pre-training methods ------------------------------------------------
+
+    def pretrain_online(self, setting: _Setting | None, run_dir: str, meta: bool):
+        """Meta-PT (meta=True) or supervised PT (weights fixed at 1) via `online.run`."""
+        c = self.config
+        tf.keras.utils.set_random_seed(self.seed)
+        backbone = self.backbone(c.model.pt_dropout)
+        feature_dim = int(backbone.output_shape[-1])
+        pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
+        weights = TaskWeights(self.data.num_pt_tasks)
+
+        def pt_loss_fn(batch):
+            logits = pt_head(backbone(batch["graph"], training=True))
+            return _weighted_bce(logits, batch["pt_labels"], weights.all_weights())
+
+        describe = None
+        if meta and self.data.task_kinds is not None:
+            kinds = np.asarray(self.data.task_kinds)
+
+            def describe():
+                w = weights.all_weights().numpy()
+                return {**_weight_stats(w, kinds), "task_weights/all": w}
+
+        tasks = setting.meta_tasks if setting is not None else np.arange(self.data.num_ft_tasks)
+        problem = interfaces.MetaPretrainProblem(
+            backbone=backbone,
+            pt_params=backbone.trainable_variables + pt_head.trainable_variables,
+            meta_params=weights.variables_list,
+            pt_loss_fn=pt_loss_fn,
+            num_ft_classes=len(tasks),
+            ft_input_key="graph",
+            ft_label_key="labels",
+            ft_multilabel=True,
+            describe_fn=describe,
+        )
+        meta_config = ml_collections.ConfigDict(c.meta.to_dict())
+        meta_config.seed = self.seed
+        meta_config.meta_enabled = meta
+        if not meta:
+            meta_config.head_steps_during_pt = False  # the FT head is not used
+        full = setting or make_setting("full", self.data, c, self.seed)
+        result = online.run(
+            problem,
+            pt_data=self.pt_data,
+            ft_train_data=self.ft_data(full, "meta_train", tasks, train=True, repeat=True),
+            ft_val_data=self.ft_data(full, "meta_val", tasks, train=True, repeat=True),
+            config=meta_config,
+            workdir=run_dir,
+            log=self.say,
+            meta_pt_data=self.meta_pt_data,
+        )
+        extra = {"pt_steps": result.pt_steps, "meta_steps": result.meta_steps}
+        if meta:
+            w = weights.all_weights().numpy()
+            extra["task_weights"] = w
+            extra["skipped_meta_steps"] = result.skipped_meta_steps
+            if self.data.task_kinds is not None:
+                extra.update(_weight_stats(w, np.asarray(self.data.task_kinds)))
+        return backbone, extra
+
+    def pretrain_cotrain(self, setting: _Setting, run_dir: str, use_pcgrad: bool):
+        c = self.config
+        tf.keras.utils.set_random_seed(self.seed)
+        backbone = self.backbone(c.model.pt_dropout)
+        feature_dim = int(backbone.output_shape[-1])
+        pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
+        ft_head = _dense_head(len(setting.meta_tasks), feature_dim, "ft_head")
+
+        def pt_loss_fn(batch):
+            return _weighted_bce(
+                pt_head(backbone(batch["graph"], training=True)), batch["pt_labels"]
+            )
+
+        def ft_loss_fn(batch):
+            return _weighted_bce(ft_head(backbone(batch["graph"], training=True)), batch["labels"])
+
+        result = multitask.cotrain(
+            shared_params=backbone.trainable_variables,
+            pt_head_params=pt_head.trainable_variables,
+            ft_head_params=ft_head.trainable_variables,
+            pt_loss_fn=pt_loss_fn,
+            ft_loss_fn=ft_loss_fn,
+            pt_data=self.pt_data,
+            ft_data=self.ft_data(setting, "pool", setting.meta_tasks, train=True, repeat=True),
+            num_steps=self.pt_steps,
+            learning_rate=c.cotrain.learning_rate,
+            use_pcgrad=use_pcgrad,
+            workdir=run_dir,
+            log=self.say,
+            log_every=c.meta.log_every * c.meta.pt_steps_per_meta_step,
+        )
+        return backbone, {"pt_steps": result.steps, "conflicts": result.conflicts}
+
+    # -- fine-tuning and evaluation -----------------------------------------
+
+    def finetune(self, backbone, setting: _Setting):
+        f = self.config.finetune
+        return finetune.finetune_multilabel(
+            backbone,
+            lambda: self.backbone(self.config.model.ft_dropout),
+            self.ft_data(setting, "pool", setting.eval_tasks, train=True),
+            self.ft_data(setting, "test", setting.eval_tasks, train=False),
+            num_tasks=len(setting.eval_tasks),
+            input_key="graph",
+            label_key="labels",
+            mode=f.mode,
+            epochs=f.epochs,
+            learning_rate=f.learning_rate,
+            seed=self.seed,
+        )
+
+
+def _weight_stats(w: np.ndarray, kinds: np.ndarray) -> dict:
+    out = {}
+    for kind in ("relevant", "irrelevant", "harmful"):
+        if (kinds == kind).any():
+            out[f"task_weights/mean_{kind}"] = float(w[kinds == kind].mean())
+    both = (kinds == "relevant") | (kinds == "harmful")
+    if (kinds == "relevant").any() and (kinds == "harmful").any():
+        out["task_weights/auroc_relevant_vs_harmful"] = reporting.auroc(
+            w[both], kinds[both] == "relevant"
+        )
+    return out
+
+
+def _export(model: tf.keras.Model, schema: tfgnn.GraphSchema, export_base: str) -> str:
+    # Clients send graphs without labels: the serving spec leaves them out (examples
+    # that carry them parse all the same).
+    serving_schema = tfgnn.GraphSchema()
+    serving_schema.CopyFrom(schema)
+    for key in (graphs.PT_LABELS, graphs.FT_LABELS):
+        if key in serving_schema.context.features:
+            del serving_schema.context.features[key]
+    spec = tfgnn.create_graph_spec_from_schema_pb(serving_schema)
+
+    def serve(inputs):
+        graph = tfgnn.parse_example(spec, inputs["examples"]).merge_batch_to_components()
+        return {"probabilities": tf.sigmoid(model(graph, training=False))}
+
+    return export.export_for_serving(
+        model, serve, export_base, inputs={"examples": tf.TensorSpec([None], tf.string)}
+    )
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Runs every method in every setting over `config.seeds`; returns the results."""
+    validate_config(config)
+    say = log or (lambda _: None)
+    start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    data = prepare_data(config, workdir, say)
+    say(
+        f"Data: {data.description}: {data.num_pt_tasks} PT tasks, {data.num_ft_tasks} FT tasks, "
+        f"{data.num_ft_graphs} labelled FT graphs."
+    )
+    per_run: list[dict] = []
+    export_base = os.path.join(workdir, "export")
+    exported = None  # the first meta-PT model of the full setting; kept from a previous run
+    if tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1:
+        exported = os.path.join(export_base, str(export.next_version(export_base) - 1))
+    total = len(config.seeds) * len(config.settings) * len(config.methods)
+    done = 0
+    for seed in config.seeds:
+        runner = _Runner(config, data, workdir, seed, say)
+        supervised = None  # one supervised PT per seed serves every setting
+        for setting_name in config.settings:
+            setting = make_setting(setting_name, data, config, seed)
+            for method in config.methods:
+                run_dir = os.path.join(workdir, f"seed_{seed}", setting_name, method)
+                result_path = os.path.join(run_dir, "result.json")
+                done += 1
+                elapsed = time.perf_counter() - start
+                say(
+                    f"[{done}/{total}] seed {seed}, {setting_name}, {METHOD_NAMES[method]} "
+                    f"({elapsed / 60:.1f} min so far)"
+                )
+                if os.path.exists(result_path):
+                    per_run.append(_json_load(result_path))
+                    say(f"  done before: test AUC {per_run[-1]['test_auc']:.4f}")
+                    continue
+                os.makedirs(run_dir, exist_ok=True)
+                extra: dict = {}
+                if method == "no_pt":
+                    backbone = None
+                elif method == "supervised_pt":
+                    if supervised is None:
+                        pt_dir = os.path.join(workdir, f"seed_{seed}", "supervised_pt")
+                        supervised = runner.pretrain_online(None, pt_dir, meta=False)
+                    backbone, extra = supervised
+                elif method in ("cotrain", "cotrain_pcgrad"):
+                    backbone, extra = runner.pretrain_cotrain(
+                        setting, run_dir, use_pcgrad=method == "cotrain_pcgrad"
+                    )
+                else:
+                    backbone, extra = runner.pretrain_online(setting, run_dir, meta=True)
+                tuned = runner.finetune(backbone, setting)
+                say(f"  test AUC {tuned.test_auc:.4f}")
+                entry = {
+                    "seed": seed,
+                    "setting": setting_name,
+                    "method": method,
+                    "test_auc": tuned.test_auc,
+                    "per_task_auc": tuned.per_task_auc,
+                    **extra,
+                }
+                _json_dump(result_path, entry)
+                per_run.append(_json_load(result_path))
+                if (
+                    method == "meta_pt"
+                    and setting_name == "full"
+                    and config.export
+                    and exported is None
+                ):
+                    exported = _export(tuned.model, data.schema, export_base)
+                    say(f"SavedModel: {exported}")
+
+    results = _aggregate(config, data, per_run, exported, time.perf_counter() - start)
+    table = _table(config, results)
+    paths = reporting.write_results(workdir, results, table)
+    figure = _figure(config, data, per_run, workdir)
+    say("\n" + table)
+    say(f"\nResults:     {paths['json']}, {paths['markdown']}")
+    if figure:
+        say(f"Figure:      {figure}")
+    say(f"SavedModel:  {exported or 'not exported (config.export=False)'}")
+    say(f"TensorBoard: tensorboard --logdir {workdir}")
+    return results
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def _aggregate(config, data, per_run, exported, seconds) -> dict:
+    summary: dict = {}
+    for setting in config.settings:
+        for method in config.methods:
+            aucs = [
+                r["test_auc"] for r in per_run if r["setting"] == setting and r["method"] == method
+            ]
+            if aucs:
+                mean, std = _mean_std(aucs)
+                summary.setdefault(setting, {})[method] = {"mean": mean, "std": std, "runs": aucs}
+    weights: dict = {}
+    for setting in config.settings:
+        runs = [r for r in per_run if r["setting"] == setting and r["method"] == "meta_pt"]
+        key = "task_weights/auroc_relevant_vs_harmful"
+        if runs and all(key in r for r in runs):
+            mean, std = _mean_std([r[key] for r in runs])
+            weights[setting] = {"auroc_relevant_vs_harmful": {"mean": mean, "std": std}}
+            for kind in ("relevant", "irrelevant", "harmful"):
+                k = f"task_weights/mean_{kind}"
+                if all(k in r for r in runs):
+                    weights[setting][f"mean_weight_{kind}"] = float(np.mean([r[k] for r in runs]))
+    checks = {}
+    for setting, by_method in summary.items():
+        if all(m in by_method for m in ("no_pt", "supervised_pt", "meta_pt")):
+            a, b, c = (by_method[m] for m in ("meta_pt", "supervised_pt", "no_pt"))
+            checks[setting] = {
+                "meta_pt_beats_supervised_pt_by_more_than_std": bool(
+                    a["mean"] - b["mean"] > max(a["std"], b["std"])
+                ),
+                "supervised_pt_beats_no_pt_by_more_than_std": bool(
+                    b["mean"] - c["mean"] > max(b["std"], c["std"])
+                ),
+            }
+    return {
+        "experiment": config.experiment,
+        "data": data.description,
+        "num_pt_tasks": data.num_pt_tasks,
+        "num_ft_tasks": data.num_ft_tasks,
+        "seeds": list(config.seeds),
+        "finetune_mode": config.finetune.mode,
+        "test_auc": summary,
+        "task_weights": weights,
+        "checks": checks,
+        "runs": [{k: v for k, v in r.items() if k != "task_weights"} for r in per_run],
+        "export": exported,
+        "seconds": seconds,
+    }
+
+
+def _table(config, results) -> str:
+    settings = [s for s in config.settings if s in results["test_auc"]]
+    rows = []
+    for method in config.methods:
+        row = [METHOD_NAMES[method]]
+        for s in settings:
+            cell = results["test_auc"][s].get(method)
+            row.append(f"{100 * cell['mean']:.1f} +- {100 * cell['std']:.1f}" if cell else "-")
+        rows.append(row)
+    n = len(results["seeds"])
+    headers = [f"method ({results['finetune_mode']} FT, {n} seeds): test AUC"]
+    headers += [
+        {"full": "full FT", "partial": "50% FT data", "held_out": "held-out tasks"}[s]
+        for s in settings
+    ]
+    text = reporting.markdown_table(headers, rows)
+    if results["task_weights"]:
+        w_rows = []
+        for s, stats in results["task_weights"].items():
+            auc = stats["auroc_relevant_vs_harmful"]
+            w_rows.append(
+                [s, f"{auc['mean']:.3f} +- {auc['std']:.3f}"]
+                + [
+                    f"{stats.get(f'mean_weight_{k}', float('nan')):.3f}"
+                    for k in ("relevant", "irrelevant", "harmful")
+                ]
+            )
+        text += "\n\n" + reporting.markdown_table(
+            [
+                "learned task weights",
+                "AUROC relevant vs harmful",
+                "mean w relevant",
+                "mean w irrelevant",
+                "mean w harmful",
+            ],
+            w_rows,
+        )
+    text += (
+        f"\n\nData: {results['data']} ({results['num_pt_tasks']} PT tasks, "
+        f"{results['num_ft_tasks']} FT tasks)."
+    )
+    return text
+
+
+def _figure(config, data, per_run, workdir) -> str | None:
+    if data.task_kinds is None:
+        return None
+    runs = [r for r in per_run if r["method"] == "meta_pt" and "task_weights" in r]
+    if not runs:
+        return None
+    first = runs[0]
+    return reporting.plot_weights_by_group(
+        os.path.join(workdir, "task_weights.png"),
+        np.asarray(first["task_weights"]),
+        data.task_kinds,
+        f"Learned PT task weights by ground truth (seed {first['seed']}, {first['setting']})",
+        xlabel="task weight w = 2 sigmoid(phi)",
+    )

@@ -1,0 +1,61 @@
+"""Benchmarks with baselines, end to end: every method, setting and seed, one table.
+
+    python -m trainers.run_benchmark --config=configs/ppi_multitask.py \
+        --workdir=runs/ppi_multitask [--config.<field>=<value> ...]
+
+Thin: flags -> a locked config -> one library call (chosen by
+`config.experiment`). Unknown or invalid config fields stop the run before any
+training with a message naming the field. Re-running with the same --workdir
+skips finished runs and resumes unfinished ones from their checkpoints.
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from metapt_tf.training import online, ppi_benchmark
+from trainers.config_overrides import check_overrides
+
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ppi_multitask.py"
+_BENCHMARKS = {"ppi_multitask": ppi_benchmark}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(_DEFAULT_CONFIG), "Benchmark config file (path[:variant]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (data, checkpoints, TensorBoard, results, export)."
+)
+
+
+def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (where results and checkpoints go).")
+    config = _CONFIG.value
+    module = _BENCHMARKS.get(config.get("experiment"))
+    if module is None:
+        raise app.UsageError(
+            f"config.experiment must be one of {sorted(_BENCHMARKS)}. "
+            f"Received: config.experiment={config.get('experiment')!r}."
+        )
+    try:
+        module.validate_config(config)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    try:
+        module.run(config, _WORKDIR.value)
+    except (online.NonFiniteLossError, FloatingPointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    message = check_overrides(sys.argv[1:], _DEFAULT_CONFIG)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main)
