@@ -37,7 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_ft_val = 100
     config.data.num_ft_test = 1500
     config.data.pt_batch_size = 32
-    config.data.meta_pt_batch_size = 32  # PT batch of each meta-step
+    # PT batch of each meta-step: with 32 the meta-gradient was noisy enough to walk the
+    # distribution off the FT angles once PT had converged.
+    config.data.meta_pt_batch_size = 256
     config.data.ft_batch_size = 50
 
     config.augment = ml_collections.ConfigDict()
@@ -51,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.meta = online.default_config()
     config.meta.warmup_steps = 100
     config.meta.pt_steps_per_meta_step = 5
-    config.meta.num_meta_steps = 500
+    config.meta.num_meta_steps = 200
     config.meta.pt_learning_rate = 1e-3
     # The FT task has the PT task's classes: FT starts from the PT head itself.
     config.meta.head = "pt_head"
@@ -60,7 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.meta.solver = "neumann"
     config.meta.neumann_terms = 1
     config.meta.neumann_alpha = 1e-2
-    config.meta.meta_learning_rate = 0.05
+    config.meta.meta_learning_rate = 0.1
+    # Late meta-gradients are mostly noise (PT has fit its 3000 digits and the FT val
+    # loss rises): the meta learning rate decays to 0 over the run.
+    config.meta.meta_lr_decay = "linear"
     config.meta.log_every = 25
     config.meta.checkpoint_every = 50
 
@@ -78,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.num_ft_test = 9000
         config.data.pt_batch_size = 128
         config.model.architecture = "cnn"
-        config.data.meta_pt_batch_size = 128
+        config.data.meta_pt_batch_size = 512
         config.meta.warmup_steps = 1000
         config.meta.num_meta_steps = 5000
         config.meta.log_every = 100

@@ -13,7 +13,8 @@ Variants (after the colon):
          --config.data.dir=<its --output_dir>, the paper's model and settings.
 
 Methods: No PT, Supervised PT, CoTrain, CoTrain + PCGrad and meta-parameterized
-PT (one weight per PT task, w = 2 sigmoid(phi), phi = 0 at the start), each in
+PT (one weight per PT task, w = 2 sigmoid(phi), phi = 0 at the start), and on
+synthetic data PT with the ground truth's task weights as a diagnostic, each in
 three settings: full FT data, 50% of it, and held-out FT tasks (meta-PT sees
 the first 3/4 of the FT tasks, the final FT and the test use the rest).
 Override fields with --config.<field>=<value>.
@@ -28,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.experiment = "ppi_multitask"
     config.seeds = (0, 1, 2)
-    config.methods = ("no_pt", "supervised_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
+    config.methods = ("no_pt", "supervised_pt", "oracle_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
     config.settings = ("full", "partial", "held_out")
     config.export = True
 
@@ -41,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.synthetic.num_test_graphs = 1000
     config.data.synthetic.num_pt_tasks = 200
     config.data.synthetic.num_ft_tasks = 12
-    config.data.synthetic.task_mix = (0.2, 0.3, 0.5)  # relevant, irrelevant, harmful PT tasks
+    config.data.synthetic.task_mix = (0.1, 0.2, 0.7)  # relevant, irrelevant, harmful PT tasks
     config.data.synthetic.label_noise = 0.05
     config.data.synthetic.seed = 0
     config.data.pt_batch_size = 32
@@ -59,8 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.meta = online.default_config()
     config.meta.warmup_steps = 200
-    config.meta.pt_steps_per_meta_step = 10
-    config.meta.num_meta_steps = 100
+    config.meta.pt_steps_per_meta_step = 5
+    config.meta.num_meta_steps = 200
     config.meta.pt_learning_rate = 1e-3
     config.meta.head = "persistent"  # as the paper's code: one FT-head step per PT step
     config.meta.ft_unroll_steps = 1
@@ -69,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.meta.neumann_terms = 1
     config.meta.neumann_alpha = 1e-3
     config.meta.meta_optimizer = "adam"
-    config.meta.meta_learning_rate = 0.1
+    config.meta.meta_learning_rate = 1.0  # the paper's meta learning rate for task weights
     config.meta.log_every = 25
     config.meta.checkpoint_every = 50
 
@@ -102,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.meta.pt_learning_rate = 1e-4
         config.meta.ft_learning_rate = 1e-4
         config.meta.neumann_alpha = 1e-4
-        config.meta.meta_learning_rate = 1.0
+        config.meta.pt_steps_per_meta_step = 10
         config.meta.warmup_steps = 1500
         config.meta.num_meta_steps = 15000
         config.meta.log_every = 100
@@ -112,11 +113,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.meta.jit_compile = False
     elif arg == "bio":
         config.data.source = "tfrecord"
+        config.methods = ("no_pt", "supervised_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
         config.model.num_layers, config.model.hidden_units = 5, 300
         config.meta.pt_learning_rate = 1e-4
         config.meta.ft_learning_rate = 1e-4
         config.meta.neumann_alpha = 1e-4
-        config.meta.meta_learning_rate = 1.0
+        config.meta.pt_steps_per_meta_step = 10
         config.meta.warmup_steps = 2000  # about one epoch of the bio PT graphs at batch 32
         config.meta.num_meta_steps = 20000
         config.meta.log_every = 100

@@ -9,6 +9,9 @@ three TFRecord files of ego-graphs: `pt.tfrecord` (graphs with PT labels),
 Methods (all share the GIN backbone and the PT schedule's length):
 * `no_pt`: fine-tuning from a freshly initialised GIN;
 * `supervised_pt`: PT on every PT task with weight 1;
+* `oracle_pt` (synthetic data only, a diagnostic): PT with the weights the
+  ground truth suggests, 2 for relevant, 1 for irrelevant and 0 for harmful
+  tasks: what a perfect weighting could gain on the benchmark;
 * `cotrain`: PT tasks and FT tasks trained jointly, each with its own head;
 * `cotrain_pcgrad`: the same, with PCGrad on the backbone's gradients;
 * `meta_pt`: online meta-parameterised PT (`online.run`) with one weight per
@@ -47,11 +50,12 @@ from metapt_tf.meta_params import TaskWeights
 from metapt_tf.models import gin_backbone
 from metapt_tf.training import finetune, interfaces, multitask, online, reporting
 
-METHODS = ("no_pt", "supervised_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
+METHODS = ("no_pt", "supervised_pt", "oracle_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
 SETTINGS = ("full", "partial", "held_out")
 METHOD_NAMES = {
     "no_pt": "No PT",
     "supervised_pt": "Supervised PT",
+    "oracle_pt": "PT, ground-truth task weights",
     "cotrain": "CoTrain",
     "cotrain_pcgrad": "CoTrain + PCGrad",
     "meta_pt": "Meta-parameterized PT",
@@ -124,7 +128,16 @@ class _Data:
     task_kinds: list[str] | None  # ground truth per PT task, when known
 
     def path(self, name: str) -> str:
-        return os.path.join(self.directory, name)
+        """The file `name` in the dataset directory, or its GZIP-compressed `name.gz`."""
+        return _find(self.directory, name) or os.path.join(self.directory, name)
+
+
+def _find(directory: str, name: str) -> str | None:
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
@@ -144,7 +157,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
     else:
         directory = d.dir
         description = f"ego-graphs from {directory}"
-    missing = [n for n in (SCHEMA_FILE, *FILES) if not os.path.exists(os.path.join(directory, n))]
+    missing = [n for n in (SCHEMA_FILE, *FILES) if _find(directory, n) is None]
     if missing:
         raise FileNotFoundError(
             f"The dataset directory {directory!r} lacks {missing}; it needs {SCHEMA_FILE} and "
@@ -167,7 +180,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
         description=description,
         num_pt_tasks=num_pt_tasks,
         num_ft_tasks=num_ft_tasks,
-        num_ft_graphs=graphs.count_graphs(os.path.join(directory, "ft_train.tfrecord")),
+        num_ft_graphs=graphs.count_graphs(_find(directory, "ft_train.tfrecord")),
         task_kinds=kinds,
     )
 
@@ -326,8 +339,15 @@ class _Runner:
 
     # -- pre-training methods ------------------------------------------------
 
-    def pretrain_online(self, setting: _Setting | None, run_dir: str, meta: bool):
-        """Meta-PT (meta=True) or supervised PT (weights fixed at 1) via `online.run`."""
+    def build_problem(
+        self, tasks: np.ndarray, *, describe: bool = False
+    ) -> tuple[interfaces.MetaPretrainProblem, TaskWeights]:
+        """A fresh GIN, PT head and task weights (all 1) as a `MetaPretrainProblem`.
+
+        The PT loss is the mean over batch and tasks of w_t * BCE; the FT task is
+        multi-label over `tasks` (the FT tasks meta-PT sees). With `describe`, the
+        weights' statistics against the ground truth are logged (synthetic data).
+        """
         c = self.config
         tf.keras.utils.set_random_seed(self.seed)
         backbone = self.backbone(c.model.pt_dropout)
@@ -339,15 +359,14 @@ class _Runner:
             logits = pt_head(backbone(batch["graph"], training=True))
             return _weighted_bce(logits, batch["pt_labels"], weights.all_weights())
 
-        describe = None
-        if meta and self.data.task_kinds is not None:
+        describe_fn = None
+        if describe and self.data.task_kinds is not None:
             kinds = np.asarray(self.data.task_kinds)
 
-            def describe():
+            def describe_fn():
                 w = weights.all_weights().numpy()
                 return {**_weight_stats(w, kinds), "task_weights/all": w}
 
-        tasks = setting.meta_tasks if setting is not None else np.arange(self.data.num_ft_tasks)
         problem = interfaces.MetaPretrainProblem(
             backbone=backbone,
             pt_params=backbone.trainable_variables + pt_head.trainable_variables,
@@ -357,8 +376,26 @@ class _Runner:
             ft_input_key="graph",
             ft_label_key="labels",
             ft_multilabel=True,
-            describe_fn=describe,
+            describe_fn=describe_fn,
         )
+        return problem, weights
+
+    def pretrain_online(
+        self,
+        setting: _Setting | None,
+        run_dir: str,
+        meta: bool,
+        fixed_weights: np.ndarray | None = None,
+    ):
+        """Meta-PT (meta=True) or PT with fixed task weights (1, or `fixed_weights`)."""
+        c = self.config
+        tasks = setting.meta_tasks if setting is not None else np.arange(self.data.num_ft_tasks)
+        problem, weights = self.build_problem(tasks, describe=meta)
+        backbone = problem.backbone
+        if fixed_weights is not None:
+            # w = 2 sigmoid(phi): phi = logit(w / 2), clipped so that w = 0 and 2 stay finite.
+            half = np.clip(np.asarray(fixed_weights, np.float64) / 2.0, 1e-6, 1.0 - 1e-6)
+            weights.variables_list[0].assign(np.log(half / (1.0 - half)).astype(np.float32))
         meta_config = ml_collections.ConfigDict(c.meta.to_dict())
         meta_config.seed = self.seed
         meta_config.meta_enabled = meta
@@ -436,6 +473,11 @@ class _Runner:
         )
 
 
+def _oracle_weights(data: _Data) -> np.ndarray:
+    kinds = np.asarray(data.task_kinds)
+    return np.select([kinds == "relevant", kinds == "harmful"], [2.0, 0.0], default=1.0)
+
+
 def _weight_stats(w: np.ndarray, kinds: np.ndarray) -> dict:
     out = {}
     for kind in ("relevant", "irrelevant", "harmful"):
@@ -463,8 +505,12 @@ def _export(model: tf.keras.Model, schema: tfgnn.GraphSchema, export_base: str) 
         graph = tfgnn.parse_example(spec, inputs["examples"]).merge_batch_to_components()
         return {"probabilities": tf.sigmoid(model(graph, training=False))}
 
+    # Only the variables and the signature are saved, not the Keras model's own
+    # functions (their GraphTensor specs would make a Python loader import TF-GNN).
+    holder = tf.Module()
+    holder.variables_list = list(model.variables)
     return export.export_for_serving(
-        model, serve, export_base, inputs={"examples": tf.TensorSpec([None], tf.string)}
+        holder, serve, export_base, inputs={"examples": tf.TensorSpec([None], tf.string)}
     )
 
 
@@ -497,7 +543,7 @@ def run(
     done = 0
     for seed in config.seeds:
         runner = _Runner(config, data, workdir, seed, say)
-        supervised = None  # one supervised PT per seed serves every setting
+        supervised = oracle = None  # PT with fixed weights: once per seed, for every setting
         for setting_name in config.settings:
             setting = make_setting(setting_name, data, config, seed)
             for method in config.methods:
@@ -522,6 +568,16 @@ def run(
                         pt_dir = os.path.join(workdir, f"seed_{seed}", "supervised_pt")
                         supervised = runner.pretrain_online(None, pt_dir, meta=False)
                     backbone, extra = supervised
+                elif method == "oracle_pt":
+                    if data.task_kinds is None:
+                        say("  skipped: the dataset has no ground-truth task kinds")
+                        continue
+                    if oracle is None:
+                        pt_dir = os.path.join(workdir, f"seed_{seed}", "oracle_pt")
+                        oracle = runner.pretrain_online(
+                            None, pt_dir, meta=False, fixed_weights=_oracle_weights(data)
+                        )
+                    backbone, extra = oracle
                 elif method in ("cotrain", "cotrain_pcgrad"):
                     backbone, extra = runner.pretrain_cotrain(
                         setting, run_dir, use_pcgrad=method == "cotrain_pcgrad"

@@ -308,3 +308,14 @@ def test_distribution_image_feeds_tf_summary_image(tmp_path):
 def test_distribution_image_rejects_bad_histories(history, match):
     with pytest.raises(ValueError, match=match):
         reporting.distribution_image(history)
+
+
+def test_plot_weights_by_group_writes_a_png_and_checks_lengths(tmp_path):
+    path = reporting.plot_weights_by_group(
+        str(tmp_path / "w.png"), [0.1, 1.9, 1.0, 0.5], ["harmful", "relevant", "x", "harmful"], "t"
+    )
+    assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="same length"):
+        reporting.plot_weights_by_group(str(tmp_path / "v.png"), [0.1, 0.2], ["a"], "t")
+    with pytest.raises(ValueError, match="must not be empty"):
+        reporting.plot_weights_by_group(str(tmp_path / "e.png"), [], [], "t")
