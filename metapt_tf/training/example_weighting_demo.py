@@ -213,14 +213,6 @@ def _format_rate(steps_per_sec: float) -> str:
     return f"{steps_per_sec:.1f} steps/s"
 
 
-def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    minutes, seconds = divmod(seconds, 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
 def run(
     config: ml_collections.ConfigDict,
     *,
@@ -365,7 +357,7 @@ def run(
                 f"meta-step {step:>{len(str(total))}}/{total}  ft_val_loss {val_loss:.4f}  "
                 f"w_clean {w_clean:.3f}  w_corrupted {w_corrupt:.3f}  "
                 f"residual {residual:.2e}  {_format_rate(rate)}  "
-                f"ETA {_format_duration((total - step) / rate)}{diverged}"
+                f"ETA {reporting.format_duration((total - step) / rate)}{diverged}"
             )
         if writer is not None:
             with writer.as_default(step=step):

@@ -27,7 +27,6 @@ with rate and ETA to `log` at every logging step.
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from metapt_tf import hypergrad
-from metapt_tf.training import interfaces
+from metapt_tf.training import interfaces, reporting
 
 FT_OPTIMIZERS = ("adam", "sgd", "momentum")
 HEAD_MODES = ("persistent", "reinit", "pt_head")
@@ -201,17 +200,6 @@ class OnlineResult:
     skipped_meta_steps: int
     resumed_from: int | None
     seconds: float
-
-
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    minutes, seconds = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _to_jsonable(value):
@@ -581,7 +569,9 @@ def run(
                     f"  ft_val {metrics['ft_val_loss']:.4f}  |g| {metrics['meta_grad_norm']:.2e}"
                     f"  residual {metrics['solver_residual']:.2e}"
                 )
-            line += f"  {rate:.2f} steps/s  ETA {_format_eta((num_steps - step) / rate)}"
+            line += (
+                f"  {rate:.2f} steps/s  ETA {reporting.format_duration((num_steps - step) / rate)}"
+            )
             say(line)
         if step % c.checkpoint_every == 0 or last:
             save()

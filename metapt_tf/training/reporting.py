@@ -80,6 +80,18 @@ def _cell_text(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for progress lines: "42s", "3m05s", "2h07m"; "?" when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub-flavoured Markdown table, ending in a newline.
 

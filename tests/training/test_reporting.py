@@ -319,3 +319,18 @@ def test_plot_weights_by_group_writes_a_png_and_checks_lengths(tmp_path):
         reporting.plot_weights_by_group(str(tmp_path / "v.png"), [0.1, 0.2], ["a"], "t")
     with pytest.raises(ValueError, match="must not be empty"):
         reporting.plot_weights_by_group(str(tmp_path / "e.png"), [], [], "t")
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0.4, "0s"),
+        (42, "42s"),
+        (185, "3m05s"),
+        (7620, "2h07m"),
+        (float("inf"), "?"),
+        (float("nan"), "?"),
+    ],
+)
+def test_format_duration(seconds, text):
+    assert reporting.format_duration(seconds) == text
