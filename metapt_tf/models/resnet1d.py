@@ -147,7 +147,9 @@ def resnet1d_parameter_count(
     plus c_in c_out + BN(c_out) for a projection shortcut (the first block of each
     stage whose width or stride differs from its input).
     """
-    num_leads, _, channels, blocks, k = _check_config(num_leads, None, channels, blocks, kernel_size)
+    num_leads, _, channels, blocks, k = _check_config(
+        num_leads, None, channels, blocks, kernel_size
+    )
     bn = 2 if trainable_only else 4
     total = k * num_leads * channels[0] + bn * channels[0]
     c_in = channels[0]

@@ -25,8 +25,7 @@ def _check_temperature(temperature) -> float:
         or temperature <= 0
     ):
         raise ValueError(
-            "temperature must be a finite number > 0. "
-            f"Received: temperature={temperature!r}."
+            f"temperature must be a finite number > 0. Received: temperature={temperature!r}."
         )
     return float(temperature)
 
@@ -78,7 +77,7 @@ def nt_xent_loss(z1, z2, temperature: float = 0.5) -> tf.Tensor:
         z = tf.concat([z1, z2], axis=0)  # [2B, D]
     batch_size = tf.shape(z1)[0]
     z = tf.math.l2_normalize(z, axis=1)
-    logits = tf.matmul(z, z, transpose_b=True) / tf.cast(temperature, z.dtype)  # [2B, 2B]
+    logits = tf.matmul(z, z, transpose_b=True) / tf.constant(temperature, z.dtype)  # [2B, 2B]
     num_views = 2 * batch_size
     is_self = tf.eye(num_views, dtype=tf.bool)
     logits = tf.where(is_self, tf.constant(-math.inf, z.dtype), logits)
