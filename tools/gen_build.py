@@ -43,6 +43,7 @@ PIP_PLACEHOLDERS: dict[str, tuple[str, str]] = {
     "tf_keras": ("expect_tf_keras_installed", "tf-keras"),
     "torch": ("expect_torch_installed", "torch"),
     "torch_geometric": ("expect_torch_geometric_installed", "torch-geometric"),
+    "wfdb": ("expect_wfdb_installed", "wfdb"),
 }
 
 HEADER = """\
