@@ -236,11 +236,6 @@ def _optimal_distribution(config) -> np.ndarray:
     return optimal
 
 
-def _mean_std(values) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -369,14 +364,14 @@ def _aggregate(config, per_seed, digits, exported, seconds) -> dict:
         "seconds": seconds,
     }
     for method in ("meta_pt", "baseline_pt"):
-        mean, std = _mean_std([s[method]["ft_test_accuracy"] for s in per_seed])
+        mean, std = reporting.mean_std([s[method]["ft_test_accuracy"] for s in per_seed])
         out[f"{method}_ft_test_accuracy_mean"], out[f"{method}_ft_test_accuracy_std"] = mean, std
     if config.experiment == "mnist_noisy_labels":
-        out["weights_auroc_mean"], out["weights_auroc_std"] = _mean_std(
+        out["weights_auroc_mean"], out["weights_auroc_std"] = reporting.mean_std(
             [s["meta_pt"]["weights_auroc"] for s in per_seed]
         )
     else:
-        out["mass_on_optimal_bins_mean"], out["mass_on_optimal_bins_std"] = _mean_std(
+        out["mass_on_optimal_bins_mean"], out["mass_on_optimal_bins_std"] = reporting.mean_std(
             [s["meta_pt"]["mass_on_optimal_bins"] for s in per_seed]
         )
         out["learned_distribution_mean"] = np.mean(

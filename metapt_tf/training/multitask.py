@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from metapt_tf.training import reporting
+
 Grads = list[tf.Tensor]
 
 
@@ -205,10 +207,7 @@ def cotrain(
         )
         if (done + n) % checkpoint_every < n or done + n >= num_steps:
             manager.save(checkpoint_number=done + n)
-            tmp = history_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(records, f)
-            os.replace(tmp, history_path)
+            reporting.write_json(history_path, records)
     writer.close()
     keys = list(dict.fromkeys(k for r in records for k in r))
     return CotrainResult(

@@ -299,13 +299,6 @@ def _json_load(path):
         return json.load(f)
 
 
-def _json_dump(path, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(reporting.to_jsonable(value), f)
-    os.replace(tmp, path)
-
-
 class _Runner:
     """Trains and evaluates the methods of one seed; caches finished results."""
 
@@ -594,7 +587,7 @@ def run(
                     "per_task_auc": tuned.per_task_auc,
                     **extra,
                 }
-                _json_dump(result_path, entry)
+                reporting.write_json(result_path, entry)
                 per_run.append(_json_load(result_path))
                 if (
                     method == "meta_pt"
@@ -618,11 +611,6 @@ def run(
     return results
 
 
-def _mean_std(values) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def _aggregate(config, data, per_run, exported, seconds) -> dict:
     summary: dict = {}
     for setting in config.settings:
@@ -631,14 +619,14 @@ def _aggregate(config, data, per_run, exported, seconds) -> dict:
                 r["test_auc"] for r in per_run if r["setting"] == setting and r["method"] == method
             ]
             if aucs:
-                mean, std = _mean_std(aucs)
+                mean, std = reporting.mean_std(aucs)
                 summary.setdefault(setting, {})[method] = {"mean": mean, "std": std, "runs": aucs}
     weights: dict = {}
     for setting in config.settings:
         runs = [r for r in per_run if r["setting"] == setting and r["method"] == "meta_pt"]
         key = "task_weights/auroc_relevant_vs_harmful"
         if runs and all(key in r for r in runs):
-            mean, std = _mean_std([r[key] for r in runs])
+            mean, std = reporting.mean_std([r[key] for r in runs])
             weights[setting] = {"auroc_relevant_vs_harmful": {"mean": mean, "std": std}}
             for kind in ("relevant", "irrelevant", "harmful"):
                 k = f"task_weights/mean_{kind}"

@@ -195,6 +195,19 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def write_json(path: str, value) -> str:
+    """Writes `value` (see `to_jsonable`; NaN becomes null) to `path` atomically."""
+    text = json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
+    _atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value), e.g. over seeds."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def write_results(workdir: str, results: Mapping, table_md: str) -> dict[str, str]:
     """Writes `workdir/results.json` and `workdir/results.md`; returns their paths.
 
@@ -206,12 +219,11 @@ def write_results(workdir: str, results: Mapping, table_md: str) -> dict[str, st
         raise TypeError(f"results must be a dict. Received: a {type(results).__name__}.")
     if not isinstance(table_md, str):
         raise TypeError(f"table_md must be a str. Received: a {type(table_md).__name__}.")
-    text = json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n"
     paths = {
         "json": os.path.join(workdir, RESULTS_JSON),
         "markdown": os.path.join(workdir, RESULTS_MD),
     }
-    _atomic_write_bytes(paths["json"], text.encode("utf-8"))
+    write_json(paths["json"], results)
     md = table_md if table_md.endswith("\n") else table_md + "\n"
     _atomic_write_bytes(paths["markdown"], md.encode("utf-8"))
     return paths
