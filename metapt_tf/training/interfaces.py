@@ -39,6 +39,15 @@ class MetaPretrainProblem:
         logging step. Returned floats are logged as scalars, 1-D arrays as
         histograms, and uint8 arrays of rank 4 as images; every value is also
         kept in the run's history (e.g. the learned distribution over time).
+      pt_batch_fn: optional `batch -> batch` applied once to every PT batch,
+        inside the compiled PT step and meta-step, before `pt_loss_fn` sees it.
+        For losses with randomness (e.g. augmented views): draw it here, from a
+        generator in `checkpoint_extras`, and every evaluation of the PT loss in
+        one meta-step (gradient, HVPs, mixed term) sees the same draw.
+      checkpoint_extras: optional trackables (e.g. that generator, or a module
+        with non-trainable state) saved and restored with the loop's checkpoint.
+        The backbone's non-trainable variables (batch-norm statistics) are
+        always saved.
     """
 
     backbone: tf.keras.Model
@@ -51,6 +60,8 @@ class MetaPretrainProblem:
     ft_multilabel: bool = False
     pt_head_params: list[tf.Variable] | None = None
     describe_fn: Callable[[], dict[str, Any]] | None = None
+    pt_batch_fn: Callable[[Batch], Batch] | None = None
+    checkpoint_extras: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if not self.pt_params:

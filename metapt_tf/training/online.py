@@ -275,10 +275,13 @@ class _Loop:
             pt_iterator=self.pt_iter,
             ft_train_iterator=self.ft_train_iter,
             ft_val_iterator=self.ft_val_iter,
+            # Batch-norm statistics and the like: not trained, but part of the state.
+            model_state=[v for v in problem.backbone.variables if not v.trainable],
+            extras=dict(problem.checkpoint_extras or {}),
             **({} if meta_pt_data is None else {"meta_pt_iterator": self.meta_pt_iter}),
         )
         self.meta_gradient = hypergrad.MetaGradient(
-            pt_loss_fn=problem.pt_loss_fn,
+            pt_loss_fn=problem.pt_loss_fn,  # the batch went through _pt_batch first
             ft_train_loss_fn=self._ft_train_loss,
             ft_val_loss_fn=self._ft_loss,
             pt_params=self.pt_params,
@@ -324,10 +327,16 @@ class _Loop:
             var.assign(value)
         tf.nest.map_structure(lambda v, t: v.assign(t), self.head_state, new_state)
 
+    def _pt_batch(self, iterator):
+        batch = next(iterator)
+        if self.problem.pt_batch_fn is not None:
+            batch = self.problem.pt_batch_fn(batch)
+        return batch
+
     def _pt_steps(self, num_steps, head_steps):
         losses = tf.TensorArray(self.dtype, size=num_steps)
         for i in tf.range(num_steps):
-            batch = next(self.pt_iter)
+            batch = self._pt_batch(self.pt_iter)
             with tf.GradientTape() as tape:
                 loss = self.problem.pt_loss_fn(batch)
             grads = tape.gradient(loss, self.pt_params)
@@ -353,7 +362,7 @@ class _Loop:
         else:
             head = [h.read_value() for h in self.head]
             state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
-        pt_batch = next(self.meta_pt_iter)
+        pt_batch = self._pt_batch(self.meta_pt_iter)
         ft_batches = [next(self.ft_train_iter) for _ in range(self.c.ft_unroll_steps)]
         val_batch = next(self.ft_val_iter)
         result = self.meta_gradient(pt_batch, ft_batches, val_batch, head, state)

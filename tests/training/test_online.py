@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from metapt_tf.meta_params import ExampleWeights
-from metapt_tf.models import digit_backbone
+from metapt_tf.models import TwiceDifferentiableBatchNorm, digit_backbone
 from metapt_tf.training import interfaces, online
 
 N_PT, SHAPE, CLASSES = 96, (6, 6, 1), 3
@@ -244,3 +244,66 @@ def test_reinitialised_head_runs_and_learns(tmp_path):
     assert result.meta_steps == 30 and result.skipped_meta_steps == 0
     assert np.all(np.isfinite(result.history["ft_val_loss"][-1]))
     assert not np.allclose(weights.phi.numpy(), 0.0)
+
+
+def _noisy_input_problem(seed=0):
+    """A PT loss on inputs plus noise drawn per batch by `pt_batch_fn` from a generator
+    in `checkpoint_extras`, and a backbone with batch norm (non-trainable state)."""
+    problem, weights, data = _problem(seed)
+    tf.keras.utils.set_random_seed(seed)
+    backbone = tf.keras.Sequential(
+        [
+            tf.keras.Input(SHAPE),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(16, activation="relu"),
+            TwiceDifferentiableBatchNorm(),
+        ]
+    )
+    pt_head = tf.keras.layers.Dense(CLASSES)
+    pt_head.build((None, 16))
+    generator = tf.random.Generator.from_seed(seed + 100)
+
+    def pt_batch_fn(batch):
+        return {**batch, "noise": generator.normal(tf.shape(batch["image"]))}
+
+    def pt_loss_fn(batch):
+        logits = pt_head(backbone(batch["image"] + batch["noise"], training=True))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(batch["label"], logits)
+        return tf.reduce_mean(weights.weights(batch["index"]) * ce)
+
+    problem = interfaces.MetaPretrainProblem(
+        backbone=backbone,
+        pt_params=backbone.trainable_variables + pt_head.trainable_variables,
+        meta_params=weights.variables_list,
+        pt_loss_fn=pt_loss_fn,
+        num_ft_classes=CLASSES,
+        pt_batch_fn=pt_batch_fn,
+        checkpoint_extras={"noise_generator": generator},
+    )
+    return problem, weights, data
+
+
+def test_pt_batch_fn_draws_and_batch_norm_statistics_resume_exactly(tmp_path):
+    tf.config.experimental.enable_op_determinism()
+    problem, weights, data = _noisy_input_problem()
+    online.run(problem, **data, config=_config(), workdir=str(tmp_path / "a"), log=None)
+    uninterrupted = weights.phi.numpy().copy()
+    moving_mean = problem.backbone.layers[-1].moving_mean.numpy().copy()
+    assert not np.allclose(moving_mean, 0.0)  # PT updated the statistics
+
+    problem, weights, data = _noisy_input_problem()
+    online.run(
+        problem,
+        **data,
+        config=_config(),
+        workdir=str(tmp_path / "b"),
+        log=None,
+        stop_after_meta_steps=12,
+    )
+    problem, weights, data = _noisy_input_problem()
+    resumed = online.run(problem, **data, config=_config(), workdir=str(tmp_path / "b"), log=None)
+    assert resumed.resumed_from == 12
+    np.testing.assert_allclose(weights.phi.numpy(), uninterrupted, atol=1e-6)
+    np.testing.assert_allclose(
+        problem.backbone.layers[-1].moving_mean.numpy(), moving_mean, atol=1e-6
+    )
