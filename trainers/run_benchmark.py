@@ -2,6 +2,7 @@
 
     python -m trainers.run_benchmark --config=configs/ppi_multitask.py \
         --workdir=runs/ppi_multitask [--config.<field>=<value> ...]
+    python -m trainers.run_benchmark --config=configs/ecg_simclr.py --workdir=runs/ecg_simclr
 
 Thin: flags -> a locked config -> one library call (chosen by
 `config.experiment`). Unknown or invalid config fields stop the run before any
@@ -15,11 +16,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metapt_tf.training import online, ppi_benchmark
+from metapt_tf.training import ecg_benchmark, online, ppi_benchmark
 from trainers.config_overrides import check_overrides
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ppi_multitask.py"
-_BENCHMARKS = {"ppi_multitask": ppi_benchmark}
+_BENCHMARKS = {"ppi_multitask": ppi_benchmark, "ecg_simclr": ecg_benchmark}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_DEFAULT_CONFIG), "Benchmark config file (path[:variant]).", lock_config=True
