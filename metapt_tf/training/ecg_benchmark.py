@@ -51,6 +51,7 @@ from metapt_tf.data import ecg
 from metapt_tf.meta_params import AugmentationPipeline
 from metapt_tf.models import projection_head, resnet1d_backbone
 from metapt_tf.training import contrastive, finetune, interfaces, online, reporting
+from metapt_tf.training.config_checks import config_error, require_int
 
 METHODS = ("no_pt", "simclr_fixed", "simclr_meta")
 METHOD_NAMES = {
@@ -63,47 +64,39 @@ FT_MODES = ("linear", "full")
 INPUT_NAME = "ecg"
 
 
-def _fail(field: str, value, expected: str) -> ValueError:
-    return ValueError(f"config.{field} must be {expected}. Received: config.{field}={value!r}.")
-
-
-def _int_at_least(config, field: str, minimum: int) -> None:
-    value = config
-    for part in field.split("."):
-        value = value[part]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(field, value, f"an int >= {minimum}")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field (before any training starts)."""
     if config.experiment != "ecg_simclr":
-        raise _fail("experiment", config.experiment, "'ecg_simclr'")
+        raise config_error("experiment", config.experiment, "'ecg_simclr'")
     if not isinstance(config.seeds, tuple | list) or not config.seeds:
-        raise _fail("seeds", config.seeds, "a non-empty tuple of ints")
+        raise config_error("seeds", config.seeds, "a non-empty tuple of ints")
     for name, allowed in (("methods", METHODS), ("finetune.modes", FT_MODES)):
         value = config.methods if name == "methods" else config.finetune.modes
         if not isinstance(value, tuple | list) or not value or any(v not in allowed for v in value):
-            raise _fail(name, value, f"a non-empty tuple drawn from {allowed}")
+            raise config_error(name, value, f"a non-empty tuple drawn from {allowed}")
     ns = config.num_labelled
     if (
         not isinstance(ns, tuple | list)
         or not ns
         or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in ns)
     ):
-        raise _fail("num_labelled", ns, "a non-empty tuple of ints >= 2 (labelled FT records)")
+        raise config_error(
+            "num_labelled", ns, "a non-empty tuple of ints >= 2 (labelled FT records)"
+        )
     d = config.data
     if d.source not in SOURCES:
-        raise _fail("data.source", d.source, f"one of {SOURCES}")
+        raise config_error("data.source", d.source, f"one of {SOURCES}")
     if d.source == "ptbxl" and not d.dir:
-        raise _fail("data.dir", d.dir, "the PTB-XL directory (ptbxl_database.csv, records100/)")
+        raise config_error(
+            "data.dir", d.dir, "the PTB-XL directory (ptbxl_database.csv, records100/)"
+        )
     for field in ("data.num_records", "data.pt_batch_size", "data.ft_batch_size"):
-        _int_at_least(config, field, 1)
-    _int_at_least(config, "data.length", 8)
+        require_int(config, field, 1)
+    require_int(config, "data.length", 8)
     if not float(d.duration_s) > 0:
-        raise _fail("data.duration_s", d.duration_s, "> 0 (seconds)")
+        raise config_error("data.duration_s", d.duration_s, "> 0 (seconds)")
     if d.max_test_records < 0 or not isinstance(d.max_test_records, int):
-        raise _fail("data.max_test_records", d.max_test_records, "an int >= 0 (0: all)")
+        raise config_error("data.max_test_records", d.max_test_records, "an int >= 0 (0: all)")
     m = config.model
     for field in ("channels", "blocks"):
         value = m[field]
@@ -112,25 +105,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             or not value
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
         ):
-            raise _fail(f"model.{field}", value, "a non-empty tuple of ints >= 1")
+            raise config_error(f"model.{field}", value, "a non-empty tuple of ints >= 1")
     if len(m.channels) != len(m.blocks):
-        raise _fail("model.blocks", m.blocks, f"as long as model.channels ({len(m.channels)})")
+        raise config_error(
+            "model.blocks", m.blocks, f"as long as model.channels ({len(m.channels)})"
+        )
     for field in ("model.kernel_size", "model.projection_hidden", "model.projection_out"):
-        _int_at_least(config, field, 1)
+        require_int(config, field, 1)
     if not float(config.temperature) > 0:
-        raise _fail("temperature", config.temperature, "> 0")
+        raise config_error("temperature", config.temperature, "> 0")
     a = config.augment
     for field in ("max_mask_fraction", "max_noise_scale", "initial_noise_scale"):
         if not 0.0 <= float(a[field]) <= 1.0:
-            raise _fail(f"augment.{field}", a[field], "in [0, 1]")
+            raise config_error(f"augment.{field}", a[field], "in [0, 1]")
     for field in ("augment.warp_channels", "augment.warp_conv_layers"):
-        _int_at_least(config, field, 1)
+        require_int(config, field, 1)
     if not float(a.initial_warp_scale) >= 0:
-        raise _fail("augment.initial_warp_scale", a.initial_warp_scale, ">= 0")
+        raise config_error("augment.initial_warp_scale", a.initial_warp_scale, ">= 0")
     f = config.finetune
-    _int_at_least(config, "finetune.steps", 1)
+    require_int(config, "finetune.steps", 1)
     if not float(f.learning_rate) > 0:
-        raise _fail("finetune.learning_rate", f.learning_rate, "> 0")
+        raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
 
 

@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from metapt_tf import hypergrad
 from metapt_tf.training import reporting
+from metapt_tf.training.config_checks import config_error
 
 SOLVERS = ("cg", "neumann", "identity")
 PT_OPTIMIZERS = ("sgd", "adam")
@@ -100,31 +101,27 @@ class DemoResult:
     workdir: str | None
 
 
-def _fail(name: str, value, expected: str) -> ValueError:
-    return ValueError(f"config.{name} must be {expected}. Received: config.{name}={value!r}.")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first field that is out of range."""
 
     def positive_int(name: str, minimum: int = 1) -> None:
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _fail(name, value, f"an int >= {minimum}")
+            raise config_error(name, value, f"an int >= {minimum}")
 
     def number(name: str, low: float, high: float | None = None, open_low: bool = True) -> None:
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(name, value, "a number")
+            raise config_error(name, value, "a number")
         too_low = value <= low if open_low else value < low
         if too_low or (high is not None and value >= high) or not math.isfinite(value):
             bracket = "(" if open_low else "["
             upper = f"{high})" if high is not None else "inf)"
-            raise _fail(name, value, f"in {bracket}{low}, {upper}")
+            raise config_error(name, value, f"in {bracket}{low}, {upper}")
 
     def choice(name: str, options: tuple) -> None:
         if config[name] not in options:
-            raise _fail(name, config[name], f"one of {options}")
+            raise config_error(name, config[name], f"one of {options}")
 
     choice("dtype", DTYPES)
     choice("corruption", CORRUPTIONS)
@@ -158,7 +155,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     number("meta_learning_rate", 0.0)
     num_corrupted = round(config.corrupt_fraction * config.num_pt_examples)
     if not 0 < num_corrupted < config.num_pt_examples:
-        raise _fail(
+        raise config_error(
             "corrupt_fraction",
             config.corrupt_fraction,
             f"such that at least one of the {config.num_pt_examples} PT examples is clean and "

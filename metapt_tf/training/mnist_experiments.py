@@ -34,6 +34,7 @@ from metapt_tf.data import mnist
 from metapt_tf.meta_params import CategoricalDistribution, ExampleWeights
 from metapt_tf.models import digit_backbone
 from metapt_tf.training import finetune, interfaces, online, reporting
+from metapt_tf.training.config_checks import config_error
 
 EXPERIMENTS = ("mnist_noisy_labels", "mnist_augment")
 NUM_CLASSES = 10
@@ -47,21 +48,17 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return reporting.auroc(scores, positive)
 
 
-def _fail(field: str, value, expected: str) -> ValueError:
-    return ValueError(f"config.{field} must be {expected}. Received: config.{field}={value!r}.")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field (before any training starts)."""
     if config.experiment not in EXPERIMENTS:
-        raise _fail("experiment", config.experiment, f"one of {EXPERIMENTS}")
+        raise config_error("experiment", config.experiment, f"one of {EXPERIMENTS}")
     seeds = config.seeds
     if (
         not isinstance(seeds, tuple | list)
         or not seeds
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
     ):
-        raise _fail("seeds", seeds, "a non-empty tuple of ints")
+        raise config_error("seeds", seeds, "a non-empty tuple of ints")
     d = config.data
     for field in (
         "num_pt",
@@ -74,38 +71,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ):
         v = d[field]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _fail(f"data.{field}", v, "an int >= 1")
+            raise config_error(f"data.{field}", v, "an int >= 1")
     if d.source not in mnist.SOURCES:
-        raise _fail("data.source", d.source, f"one of {mnist.SOURCES}")
+        raise config_error("data.source", d.source, f"one of {mnist.SOURCES}")
     for field in ("pt_batch_size", "meta_pt_batch_size"):
         if d[field] > d.num_pt:
-            raise _fail(f"data.{field}", d[field], f"<= data.num_pt ({d.num_pt})")
+            raise config_error(f"data.{field}", d[field], f"<= data.num_pt ({d.num_pt})")
     if d.ft_batch_size > d.num_ft_train:
-        raise _fail(
+        raise config_error(
             "data.ft_batch_size", d.ft_batch_size, f"<= data.num_ft_train ({d.num_ft_train})"
         )
     if config.experiment == "mnist_noisy_labels":
         if not 0.0 < d.noise_rate < 1.0:
-            raise _fail("data.noise_rate", d.noise_rate, "in (0, 1)")
+            raise config_error("data.noise_rate", d.noise_rate, "in (0, 1)")
         if d.noise_kind not in mnist.NOISE_KINDS:
-            raise _fail("data.noise_kind", d.noise_kind, f"one of {mnist.NOISE_KINDS}")
+            raise config_error("data.noise_kind", d.noise_kind, f"one of {mnist.NOISE_KINDS}")
     else:
         a = config.augment
         if not a.bin_angles or len(set(a.bin_angles)) != len(a.bin_angles):
-            raise _fail("augment.bin_angles", a.bin_angles, "distinct angles in degrees")
+            raise config_error("augment.bin_angles", a.bin_angles, "distinct angles in degrees")
         missing = [x for x in a.ft_angles if x not in a.bin_angles]
         if not a.ft_angles or missing:
-            raise _fail(
+            raise config_error(
                 "augment.ft_angles", a.ft_angles, "a non-empty subset of augment.bin_angles"
             )
     if config.model.architecture not in ("mlp", "cnn"):
-        raise _fail("model.architecture", config.model.architecture, "one of ('mlp', 'cnn')")
+        raise config_error("model.architecture", config.model.architecture, "one of ('mlp', 'cnn')")
     if config.finetune.mode not in finetune.MODES:
-        raise _fail("finetune.mode", config.finetune.mode, f"one of {finetune.MODES}")
+        raise config_error("finetune.mode", config.finetune.mode, f"one of {finetune.MODES}")
     for field in ("epochs", "batch_size"):
         v = config.finetune[field]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _fail(f"finetune.{field}", v, "an int >= 1")
+            raise config_error(f"finetune.{field}", v, "an int >= 1")
     online.validate_config(config.meta)
 
 

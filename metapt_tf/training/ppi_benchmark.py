@@ -49,6 +49,7 @@ from metapt_tf.data import graphs, synthetic_ppi
 from metapt_tf.meta_params import TaskWeights
 from metapt_tf.models import gin_backbone
 from metapt_tf.training import finetune, interfaces, multitask, online, reporting
+from metapt_tf.training.config_checks import config_error
 
 METHODS = ("no_pt", "supervised_pt", "oracle_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
 SETTINGS = ("full", "partial", "held_out")
@@ -66,48 +67,46 @@ SCHEMA_FILE = "schema.pbtxt"
 TASK_INFO_FILE = "task_info.json"
 
 
-def _fail(field: str, value, expected: str) -> ValueError:
-    return ValueError(f"config.{field} must be {expected}. Received: config.{field}={value!r}.")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field (before any training starts)."""
     if config.experiment != "ppi_multitask":
-        raise _fail("experiment", config.experiment, "'ppi_multitask'")
+        raise config_error("experiment", config.experiment, "'ppi_multitask'")
     if not isinstance(config.seeds, tuple | list) or not config.seeds:
-        raise _fail("seeds", config.seeds, "a non-empty tuple of ints")
+        raise config_error("seeds", config.seeds, "a non-empty tuple of ints")
     for name, allowed in (("methods", METHODS), ("settings", SETTINGS)):
         value = config[name]
         if not isinstance(value, tuple | list) or not value or any(v not in allowed for v in value):
-            raise _fail(name, value, f"a non-empty tuple drawn from {allowed}")
+            raise config_error(name, value, f"a non-empty tuple drawn from {allowed}")
     d = config.data
     if d.source not in SOURCES:
-        raise _fail("data.source", d.source, f"one of {SOURCES}")
+        raise config_error("data.source", d.source, f"one of {SOURCES}")
     if d.source == "tfrecord" and not d.dir:
-        raise _fail("data.dir", d.dir, "a directory with schema.pbtxt and " + ", ".join(FILES))
+        raise config_error(
+            "data.dir", d.dir, "a directory with schema.pbtxt and " + ", ".join(FILES)
+        )
     for field in ("pt_batch_size", "meta_pt_batch_size", "ft_batch_size"):
         if not isinstance(d[field], int) or d[field] < 1:
-            raise _fail(f"data.{field}", d[field], "an int >= 1")
+            raise config_error(f"data.{field}", d[field], "an int >= 1")
     for field in ("meta_val_fraction", "partial_fraction", "held_out_meta_fraction"):
         if not 0.0 < float(d[field]) < 1.0:
-            raise _fail(f"data.{field}", d[field], "in (0, 1)")
+            raise config_error(f"data.{field}", d[field], "in (0, 1)")
     m = config.model
     if not isinstance(m.num_layers, int) or m.num_layers < 1:
-        raise _fail("model.num_layers", m.num_layers, "an int >= 1")
+        raise config_error("model.num_layers", m.num_layers, "an int >= 1")
     if not isinstance(m.hidden_units, int) or m.hidden_units < 1:
-        raise _fail("model.hidden_units", m.hidden_units, "an int >= 1")
+        raise config_error("model.hidden_units", m.hidden_units, "an int >= 1")
     for field in ("pt_dropout", "ft_dropout"):
         if not 0.0 <= float(m[field]) < 1.0:
-            raise _fail(f"model.{field}", m[field], "in [0, 1)")
+            raise config_error(f"model.{field}", m[field], "in [0, 1)")
     if config.cotrain.learning_rate <= 0:
-        raise _fail("cotrain.learning_rate", config.cotrain.learning_rate, "> 0")
+        raise config_error("cotrain.learning_rate", config.cotrain.learning_rate, "> 0")
     f = config.finetune
     if f.mode not in finetune.MODES:
-        raise _fail("finetune.mode", f.mode, f"one of {finetune.MODES}")
+        raise config_error("finetune.mode", f.mode, f"one of {finetune.MODES}")
     if not isinstance(f.epochs, int) or f.epochs < 1:
-        raise _fail("finetune.epochs", f.epochs, "an int >= 1")
+        raise config_error("finetune.epochs", f.epochs, "an int >= 1")
     if f.learning_rate <= 0:
-        raise _fail("finetune.learning_rate", f.learning_rate, "> 0")
+        raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
 
 
