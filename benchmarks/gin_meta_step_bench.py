@@ -17,7 +17,8 @@ PT step (`head_steps_during_pt`), PT / FT learning rates 1e-4, Neumann alpha
 1e-4, Adam meta-optimizer, graph mode (no XLA).
 
 What is timed is what `online.run` runs, through the loop's own compiled steps
-(`online._Loop`), one loop per grid cell, all sharing one model:
+(`online._Loop`), one loop per grid cell, all sharing one model (the harness of
+benchmarks/meta_step_harness.py, shared with benchmarks/ecg_meta_step_bench.py):
 
 * pt_reference: `loop.pt_steps(P)`: P PT steps in one `tf.function`, each one
   a PT batch from the pipeline, forward + backward of GIN and PT head, a Keras
@@ -67,37 +68,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import hypergrad_bench  # noqa: E402
+from benchmarks import meta_step_harness  # noqa: E402
+from benchmarks.meta_step_harness import (  # noqa: E402
+    CHILD_FLAG,
+    CHILD_MARKER,
+    DEFAULT_HVP_MODE,
+    HVP_MODES,
+    gpu_device,
+)
 from configs import ppi_multitask  # noqa: E402
-from metapt_tf import hypergrad  # noqa: E402
-from metapt_tf.training import online, ppi_benchmark  # noqa: E402
+from metapt_tf.training import ppi_benchmark  # noqa: E402
 
-HVP_MODES = hypergrad.HVP_MODES
-DEFAULT_HVP_MODE = hypergrad.DEFAULT_HVP_MODE
-NEUMANN_TERMS = (1, 5)  # N
-UNROLL_STEPS = (1, 5)  # K
 TARGET_P, TARGET_N, TARGET_K = 10, 1, 1
 TARGET_LIMIT = 1.6  # meta-step / P PT steps
-REFERENCE = "pt_reference"
-MEMORY_CALLS = 1
-# The memory child's protocol and the table formatting are the other benchmark's.
-CHILD_FLAG, CHILD_MARKER, ROOT = (
-    hypergrad_bench.CHILD_FLAG,
-    hypergrad_bench.CHILD_MARKER,
-    hypergrad_bench.ROOT,
-)
-_fmt = hypergrad_bench._fmt
 
 
 @dataclass(frozen=True)
@@ -143,21 +134,6 @@ QUICK_REPEATS = 2
 QUICK_WARMUP = 1
 
 
-def cells(cfg: Config) -> list[tuple[int, int, str]]:
-    """The grid, (N, K, HVP mode), in table order."""
-    return [(n, k, m) for m in cfg.hvp_modes for n in NEUMANN_TERMS for k in UNROLL_STEPS]
-
-
-def cell_name(cell: tuple[int, int, str]) -> str:
-    n, k, mode = cell
-    return f"meta_step[N={n},K={k},{mode}]"
-
-
-def gpu_device() -> str | None:
-    gpus = tf.config.list_physical_devices("GPU")
-    return "GPU:0" if gpus else None
-
-
 # -- the problem and the loops ----------------------------------------------------------
 
 
@@ -185,12 +161,11 @@ def experiment_config(cfg: Config):
     return config
 
 
-class Bench:
+class Bench(meta_step_harness.LoopBench):
     """One shared PPI problem (as `ppi_benchmark._Runner.pretrain_online` builds it) and
     one `online._Loop` per grid cell."""
 
     def __init__(self, cfg: Config, workdir: str):
-        self.cfg = cfg
         config = experiment_config(cfg)
         self.config = config
         data = ppi_benchmark.prepare_data(config, workdir, say=lambda _: None)
@@ -202,140 +177,30 @@ class Bench:
         # One pipeline of each kind; every loop iterates over it on its own.
         ft_train = runner.ft_data(setting, "meta_train", tasks, train=True, repeat=True)
         ft_val = runner.ft_data(setting, "meta_val", tasks, train=True, repeat=True)
-        self.loops = {}
-        for cell in cells(cfg):
-            n, k, mode = cell
-            c = config.meta.copy_and_resolve_references()
-            c.neumann_terms, c.ft_unroll_steps, c.hvp_mode = n, k, mode
-            online.validate_config(c)
-            self.loops[cell] = online._Loop(
-                self.problem,
-                runner.pt_data,
-                ft_train,
-                ft_val,
-                c,
-                meta_pt_data=runner.meta_pt_data,
-            )
-        self.parts: dict[tuple, list[tuple[float, float]]] = {c: [] for c in self.loops}
-
-    def pt_steps(self, cell) -> None:
-        self.loops[cell].pt_steps(self.cfg.pt_steps)
-
-    def meta_step(self, cell, record: bool = True) -> None:
-        """P PT steps, the meta-gradient and the meta-update; records the parts' seconds."""
-        loop = self.loops[cell]
-        start = time.perf_counter()
-        loop.pt_steps(self.cfg.pt_steps)
-        middle = time.perf_counter()
-        loop.meta_step_and_update()
-        loop.meta_params[0][:1].numpy()  # waits for the meta-update
-        if record:
-            self.parts[cell].append((middle - start, time.perf_counter() - middle))
-
-    def functions(self) -> dict[str, Callable[[], None]]:
-        """Zero-argument callables: the reference (on the first cell's loop), then each cell."""
-        first = next(iter(self.loops))
-        fns = {REFERENCE: lambda: self.pt_steps(first)}
-        for cell in self.loops:
-            fns[cell_name(cell)] = lambda cell=cell: self.meta_step(cell)
-        return fns
-
-    def skipped(self) -> dict[str, int]:
-        return {cell_name(c): int(loop.skipped.numpy()) for c, loop in self.loops.items()}
-
-
-def warm_up(bench: Bench, warmup: int) -> None:
-    """Traces every cell's PT steps and meta-step (the reference shares the first's)."""
-    for cell in bench.loops:
-        start = time.perf_counter()
-        for _ in range(warmup):
-            bench.meta_step(cell, record=False)
-        print(
-            f"  {cell_name(cell)}: {time.perf_counter() - start:.1f} s",
-            file=sys.stderr,
-            flush=True,
+        loops = meta_step_harness.make_loops(
+            cfg,
+            self.problem,
+            runner.pt_data,
+            ft_train,
+            ft_val,
+            config.meta,
+            meta_pt_data=runner.meta_pt_data,
         )
+        super().__init__(cfg, loops)
 
 
 # -- memory -----------------------------------------------------------------------------
 
 
-class _RssPeak:
-    """Peak RSS increase of a block (MiB), CPU; None where the peak cannot be reset."""
-
-    def __enter__(self):
-        hypergrad_bench._trim_heap()
-        self.base = hypergrad_bench._rss_kib()
-        self.reset = hypergrad_bench._reset_peak()
-        return self
-
-    def __exit__(self, *exc):
-        self.mib = (hypergrad_bench._peak_kib() - self.base) / 1024.0 if self.reset else None
-        return False
-
-
-class _GpuPeak:
-    """Peak allocator memory above the memory in use before the block (MiB), GPU."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def __enter__(self):
-        tf.config.experimental.reset_memory_stats(self.device)
-        self.base = tf.config.experimental.get_memory_info(self.device)["current"]
-        return self
-
-    def __exit__(self, *exc):
-        peak = tf.config.experimental.get_memory_info(self.device)["peak"]
-        self.mib = (peak - self.base) / 2**20
-        return False
-
-
-def measure_memory(bench: Bench, peak_block: Callable[[], object]) -> dict:
-    """{cell name: {"pt_peak_mib", "meta_step_peak_mib"}}; the loops already traced."""
-    out = {}
-    for cell in bench.loops:
-        with peak_block() as pt:
-            for _ in range(MEMORY_CALLS):
-                bench.pt_steps(cell)
-        with peak_block() as meta:
-            for _ in range(MEMORY_CALLS):
-                bench.meta_step(cell, record=False)
-        out[cell_name(cell)] = {"pt_peak_mib": pt.mib, "meta_step_peak_mib": meta.mib}
-        print(f"  memory: {cell_name(cell)} done", file=sys.stderr, flush=True)
-    return out
-
-
 def memory_child(cfg: Config, workdir: str) -> dict:
     """Runs in the child: every cell's peaks, CPU RSS."""
-    bench = Bench(cfg, workdir)
-    warm_up(bench, 1)
-    return measure_memory(bench, _RssPeak)
+    return meta_step_harness.memory_child(Bench(cfg, workdir))
 
 
 def run_memory_child(cfg: Config, workdir: str) -> dict:
-    env = dict(os.environ)
-    env.update(
-        TF_USE_LEGACY_KERAS="1",
-        TF_CPP_MIN_LOG_LEVEL="3",
-        TF_ENABLE_ONEDNN_OPTS="0",  # oneDNN's pooling CPU allocator would hide the peaks
-        MALLOC_MMAP_THRESHOLD_="131072",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    return meta_step_harness.run_memory_child(
+        "benchmarks.gin_meta_step_bench", size_argv(cfg), workdir
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.gin_meta_step_bench",
-        *size_argv(cfg),
-        CHILD_FLAG,
-        workdir,
-    ]
-    print("peak memory: one child process, cells one after another", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_MARKER)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"The memory child failed (exit {proc.returncode}); see stderr above.")
-    return json.loads(lines[-1][len(CHILD_MARKER) :])
 
 
 def size_argv(cfg: Config) -> list[str]:
@@ -356,52 +221,10 @@ def size_argv(cfg: Config) -> list[str]:
 # -- report -----------------------------------------------------------------------------
 
 
-def _median_ms(values) -> float:
-    return float(np.median(values)) * 1e3
-
-
 def summarize(cfg: Config, bench: Bench, times: dict, memory: dict) -> dict:
-    ref_ms = _median_ms(times[REFERENCE])
-    pt_step_ms = ref_ms / cfg.pt_steps
-    skipped = bench.skipped()
-    rows = []
-    for cell in bench.loops:
-        n, k, mode = cell
-        name = cell_name(cell)
-        parts = np.asarray(bench.parts[cell])
-        med = _median_ms(times[name])
-        mem = memory.get(name, {})
-        pt_peak, meta_peak = mem.get("pt_peak_mib"), mem.get("meta_step_peak_mib")
-        measured = pt_peak is not None and pt_peak > 0 and meta_peak is not None
-        ratio_mem = meta_peak / pt_peak if measured else None
-        meta_ms = _median_ms(parts[:, 1])
-        rows.append(
-            {
-                "name": name,
-                "neumann_terms": n,
-                "ft_unroll_steps": k,
-                "hvp_mode": mode,
-                "median_ms": med,
-                "times_ms": [float(t) * 1e3 for t in times[name]],
-                "pt_part_median_ms": _median_ms(parts[:, 0]),
-                "meta_gradient_median_ms": meta_ms,
-                "time_ratio": med / ref_ms,
-                "meta_gradient_in_pt_steps": meta_ms / pt_step_ms,
-                "pt_peak_mib": pt_peak,
-                "meta_step_peak_mib": meta_peak,
-                "memory_ratio": ratio_mem,
-                "skipped_meta_steps": skipped[name],
-            }
-        )
-    reference = {
-        "name": REFERENCE,
-        "pt_steps": cfg.pt_steps,
-        "median_ms": ref_ms,
-        "pt_step_ms": pt_step_ms,
-        "times_ms": [float(t) * 1e3 for t in times[REFERENCE]],
-    }
+    summary = meta_step_harness.summarize(bench, times, memory)
     target = None
-    for r in rows:
+    for r in summary["cells"]:
         if (r["neumann_terms"], r["ft_unroll_steps"], r["hvp_mode"]) == (
             TARGET_N,
             TARGET_K,
@@ -417,11 +240,10 @@ def summarize(cfg: Config, bench: Bench, times: dict, memory: dict) -> dict:
                 "pass": r["time_ratio"] <= TARGET_LIMIT,
                 "memory_ratio": r["memory_ratio"],
             }
-    return {"reference": reference, "cells": rows, "target": target}
+    return {**summary, "target": target}
 
 
 def report(cfg: Config, bench: Bench, summary: dict, memory_method: str | None) -> None:
-    ref = summary["reference"]
     print()
     print(
         f"metapt_tf GIN meta-step benchmark  (TF {tf.__version__}, {platform.machine()}, "
@@ -437,37 +259,7 @@ def report(cfg: Config, bench: Bench, summary: dict, memory_method: str | None) 
         f"{cfg.repeats} round-robin repetitions after {cfg.warmup} warm-up calls; medians. "
         f"P = {cfg.pt_steps} PT steps per meta-step."
     )
-    print(
-        f"{REFERENCE} (P={cfg.pt_steps} PT steps): {ref['median_ms']:.1f} ms, "
-        f"{ref['pt_step_ms']:.1f} ms per PT step"
-    )
-    print()
-    header = (
-        f"{'N':>2} {'K':>2} {'hvp mode':<21} {'meta-step ms':>12} {'time ratio':>10} "
-        f"{'meta-grad':>9} {'PT MiB':>8} {'meta MiB':>8} {'mem ratio':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in summary["cells"]:
-        print(
-            f"{r['neumann_terms']:>2} {r['ft_unroll_steps']:>2} {r['hvp_mode']:<21} "
-            f"{r['median_ms']:>12.1f} {r['time_ratio']:>10.2f} "
-            f"{r['meta_gradient_in_pt_steps']:>9.2f} {_fmt(r['pt_peak_mib'], '8.1f'):>8} "
-            f"{_fmt(r['meta_step_peak_mib'], '8.1f'):>8} {_fmt(r['memory_ratio'], '9.2f'):>9}"
-        )
-    print()
-    print(
-        f"time ratio: median meta-step (P PT steps + meta-gradient + meta-update) / median "
-        f"of P PT steps.\nmeta-grad: median of the meta-gradient + meta-update part, in PT "
-        f"steps ({REFERENCE} / P)."
-    )
-    if memory_method:
-        print(f"PT MiB, meta MiB: {memory_method}.\nmem ratio: meta MiB / PT MiB.")
-    else:
-        print("PT MiB, meta MiB, mem ratio: peak memory not measured (--no_memory).")
-    skipped = {r["name"]: r["skipped_meta_steps"] for r in summary["cells"]}
-    if any(skipped.values()):
-        print(f"skipped meta-updates (non-finite meta-gradient): {skipped}")
+    meta_step_harness.print_table(summary, memory_method)
     print()
     t = summary["target"]
     label = (
@@ -523,9 +315,7 @@ def parse_args(argv=None):
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     warmup = args.warmup or (QUICK_WARMUP if args.quick else FULL_WARMUP)
-    modes = HVP_MODES if args.hvp_modes == "all" else tuple(args.hvp_modes.split(","))
-    if any(m not in HVP_MODES for m in modes) or DEFAULT_HVP_MODE not in modes:
-        parser.error(f"--hvp_modes must include {DEFAULT_HVP_MODE!r}, drawn from {HVP_MODES}.")
+    modes = meta_step_harness.parse_hvp_modes(args.hvp_modes, parser)
     if repeats < 1 or warmup < 1 or args.pt_steps < 1 or min(sizes.values()) < 1:
         parser.error("--repeats, --warmup, --pt_steps and the sizes must be >= 1.")
     if sizes["ft_graphs"] > sizes["pt_graphs"]:
@@ -550,42 +340,13 @@ def main(argv=None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        warm_up(bench, cfg.warmup)
-        times = hypergrad_bench.time_round_robin(bench.functions(), cfg.repeats)
-
-        memory, memory_method = {}, None
-        device = gpu_device()
-        if not args.no_memory and device:
-            memory = measure_memory(bench, lambda: _GpuPeak(device))
-            memory_method = (
-                f"peak allocator memory on {device} above the memory in use before "
-                f"{MEMORY_CALLS} call(s) (tf.config.experimental.get_memory_info)"
-            )
-        elif not args.no_memory:
-            memory = run_memory_child(cfg, workdir)
-            memory_method = (
-                f"peak process RSS increase over {MEMORY_CALLS} call(s), above the RSS before "
-                "them, in a fresh child process run with TF_ENABLE_ONEDNN_OPTS=0"
-            )
+        times, memory, memory_method = meta_step_harness.measure(
+            bench, memory=not args.no_memory, run_child=lambda: run_memory_child(cfg, workdir)
+        )
         summary = summarize(cfg, bench, times, memory)
     report(cfg, bench, summary, memory_method)
     if args.json:
-        payload = {
-            "config": asdict(cfg),
-            "environment": {
-                "tensorflow": tf.__version__,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "cpu_count": os.cpu_count(),
-                "gpu": gpu_device() is not None,
-            },
-            "default_hvp_mode": DEFAULT_HVP_MODE,
-            "num_pt_params": bench.num_params,
-            "memory_method": memory_method,
-            **summary,
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        meta_step_harness.write_json(args.json, cfg, summary, memory_method, bench.num_params)
     return 0
 
 

@@ -1,0 +1,146 @@
+"""Smoke run of benchmarks/ecg_meta_step_bench.py at its --quick sizes, in a subprocess,
+and its command line (the memory child is re-invoked with `size_argv`)."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULT_HVP_MODE = "reverse_over_reverse"  # metapt_tf.hypergrad.DEFAULT_HVP_MODE
+GRID = {(n, k) for n in (1, 5) for k in (1, 5)}
+CELL_KEYS = {
+    "name",
+    "neumann_terms",
+    "ft_unroll_steps",
+    "hvp_mode",
+    "median_ms",
+    "times_ms",
+    "pt_part_median_ms",
+    "meta_gradient_median_ms",
+    "time_ratio",
+    "meta_gradient_in_pt_steps",
+    "pt_peak_mib",
+    "meta_step_peak_mib",
+    "memory_ratio",
+    "skipped_meta_steps",
+}
+INFORMATIONAL_LINE = (
+    "No target: the issue sets none for the ECG setting; these ratios are informational."
+)
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _run_quick(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.ecg_meta_step_bench",
+            "--quick",
+            *flags,
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc, json.loads(out.read_text())
+
+
+def _check_timings(data: dict) -> None:
+    reference = data["reference"]
+    assert reference["pt_steps"] == 10
+    assert len(reference["times_ms"]) == data["config"]["repeats"]
+    assert all(_finite_positive(t) for t in reference["times_ms"])
+    assert _finite_positive(reference["median_ms"])
+    assert math.isclose(reference["pt_step_ms"], reference["median_ms"] / 10)
+
+    cells = data["cells"]
+    assert {(c["neumann_terms"], c["ft_unroll_steps"]) for c in cells} == GRID
+    assert len(cells) == len(GRID)
+    for c in cells:
+        where = c["name"]
+        assert set(c) == CELL_KEYS, where
+        assert c["hvp_mode"] == DEFAULT_HVP_MODE, where
+        assert len(c["times_ms"]) == data["config"]["repeats"], where
+        assert all(_finite_positive(t) for t in c["times_ms"]), where
+        for key in (
+            "median_ms",
+            "pt_part_median_ms",
+            "meta_gradient_median_ms",
+            "time_ratio",
+            "meta_gradient_in_pt_steps",
+        ):
+            assert _finite_positive(c[key]), (where, key, c[key])
+        assert math.isclose(c["time_ratio"], c["median_ms"] / reference["median_ms"]), where
+        assert math.isclose(
+            c["meta_gradient_in_pt_steps"],
+            c["meta_gradient_median_ms"] / reference["pt_step_ms"],
+        ), where
+        assert c["skipped_meta_steps"] == 0, where
+
+
+def test_quick_run_reports_every_grid_cell(tmp_path):
+    proc, data = _run_quick(tmp_path, "--no_memory")
+    assert INFORMATIONAL_LINE in proc.stdout, proc.stdout[-3000:]
+    assert not re.search(r"\b(PASS|FAIL)\b", proc.stdout), proc.stdout[-3000:]
+    assert "pt_reference (P=10 PT steps)" in proc.stdout
+
+    assert {"config", "environment", "reference", "cells", "target", "memory_method"} <= set(data)
+    assert data["target"] is None  # no target for the ECG setting
+    assert data["default_hvp_mode"] == DEFAULT_HVP_MODE
+    assert data["memory_method"] is None  # --no_memory
+    assert _finite_positive(data["num_pt_params"]) and _finite_positive(data["num_meta_params"])
+    config = data["config"]
+    assert config["pt_steps"] == 10
+    # Every convolution keeps >= 16 channels (oneDNN's CPU 1-D convolutions break below).
+    assert min(*config["channels"], config["warp_channels"]) >= 16
+    _check_timings(data)
+    for c in data["cells"]:
+        assert c["pt_peak_mib"] is None and c["memory_ratio"] is None, c["name"]
+
+
+@pytest.mark.slow
+def test_quick_run_measures_peak_memory_in_a_child(tmp_path):
+    _, data = _run_quick(tmp_path)
+    assert "child process" in data["memory_method"]
+    _check_timings(data)
+    for c in data["cells"]:
+        for key in ("pt_peak_mib", "meta_step_peak_mib", "memory_ratio"):
+            assert _finite_positive(c[key]), (c["name"], key, c[key])
+        assert math.isclose(c["memory_ratio"], c["meta_step_peak_mib"] / c["pt_peak_mib"])
+
+
+def test_command_line():
+    from benchmarks import ecg_meta_step_bench as bench
+
+    _, full = bench.parse_args([])
+    assert full.channels == (32, 64, 128, 256) and full.blocks == (2, 2, 2, 2)
+    assert (full.kernel_size, full.length) == (15, 1024)
+    assert (full.projection_hidden, full.projection_out) == (256, 128)
+    assert full.pt_steps == 10
+    # The memory child gets the parent's sizes back from size_argv.
+    _, quick = bench.parse_args(["--quick", "--pt_batch=12", "--channels=16,24"])
+    _, again = bench.parse_args(bench.size_argv(quick) + ["--quick"])
+    assert again == quick and quick.pt_batch == 12 and quick.channels == (16, 24)
+
+    for bad in (["--channels=8,16"], ["--quick", "--warp_channels=8"], ["--blocks=2,2"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
