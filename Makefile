@@ -9,6 +9,7 @@
 #   make lint        ruff, and check that BUILD is up to date with the sources
 #   make build-file  regenerate BUILD from the sources (tools/gen_build.py)
 #   make bench       run the hypergradient benchmarks (extra flags: make bench ARGS="...")
+#   make faults      the fault suite (kills, damaged checkpoints, NaN, bad configs/data), a table
 #   make clean       remove caches and build outputs; `make distclean` also removes .venv
 
 SHELL := /bin/bash
@@ -30,7 +31,7 @@ TF_ENV := TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=2
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test test-slow lint build-file bench clean distclean
+.PHONY: venv run demo test test-slow lint build-file bench faults clean distclean
 
 venv: $(STAMP)
 
@@ -68,6 +69,10 @@ build-file:
 
 bench: venv
 	$(TF_ENV) $(VENV_PY) -m benchmarks.hypergrad_bench $(ARGS)
+
+# The same cases as tests/reliability/ (pytest), printed as one table; exits 1 on a failure.
+faults: venv
+	$(TF_ENV) $(VENV_PY) -m tests.reliability.fault_suite
 
 clean:
 	rm -rf build/ dist/ ./*.egg-info .pytest_cache .ruff_cache

@@ -4,7 +4,8 @@
 One `py_library` per module under metapt_tf/, trainers/, export/, configs/ and benchmarks/,
 one `py_test` per test file under tests/ (test_*.py or *_test.py), and one testonly
 `py_library` per other module under tests/ (conftest.py, helpers). Dependencies between
-targets come from each file's `import` / `from ... import` statements, read with `ast`;
+targets come from each file's `import` / `from ... import` statements, read with `ast`
+(a test's bare import of a helper in its own directory, as pytest allows, included);
 third-party imports map onto placeholder targets that stand for pip packages.
 
 Usage:
@@ -222,6 +223,8 @@ def resolve_deps(root: Path, targets: list[Target]) -> list[str]:
                 t.deps.add(":" + PIP_PLACEHOLDERS[top][0])
             elif top in stdlib:
                 pass
+            elif (sibling := _sibling_helper(t, top, by_module)) is not None:
+                t.deps.add(":" + sibling.name)
             elif top not in local_tops:
                 warnings.append(f"{t.src}: import {required}: no placeholder for this package")
             else:
@@ -241,6 +244,23 @@ def resolve_deps(root: Path, targets: list[Target]) -> list[str]:
                 d = d.rpartition("/")[0] if d != TEST_DIR else ""
     warnings.extend(find_cycles(targets))
     return warnings
+
+
+def _sibling_helper(t: Target, top: str, by_module: dict[str, Target]) -> Target | None:
+    """The testonly helper a test file imports by its bare name from its own directory.
+
+    pytest puts a test file's directory on sys.path (tests/ has no __init__.py), so
+    tests/reliability/test_faults.py imports tests/reliability/fault_suite.py as
+    `fault_suite`. Only helpers (py_library) resolve; a test importing another test
+    file keeps its warning, as Bazel deps should not name a py_test.
+    """
+    if not t.src.startswith(TEST_DIR + "/"):
+        return None
+    directory = t.src.rpartition("/")[0]
+    dep = by_module.get(module_name(f"{directory}/{top}.py"))
+    if dep is None or dep is t or dep.kind != "py_library":
+        return None
+    return dep
 
 
 def find_cycles(targets: list[Target]) -> list[str]:

@@ -1,8 +1,10 @@
 """Checks `--config.<field>=<value>` overrides against the config file, before absl parses them.
 
 ml_collections reports an override of a field that does not exist with a bare
-KeyError deep inside flag parsing; the trainers call `check_overrides` first
-and exit with a message that lists the valid fields instead.
+KeyError deep inside flag parsing, and a value of the wrong type with a bare
+parser error; the trainers call `check_overrides` first and exit with a message
+that lists the valid fields, or names the field, the value and the type it
+expects, instead.
 """
 
 import importlib.util
@@ -20,7 +22,7 @@ def _flat_keys(config, prefix="") -> list[str]:
 
 
 def check_overrides(argv: list[str], default_config: pathlib.Path) -> str | None:
-    """Returns an error message for `--config.<field>` overrides that name no field."""
+    """Returns an error message for an override that names no field or has a wrong-typed value."""
     path = str(default_config)
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
@@ -40,9 +42,52 @@ def check_overrides(argv: list[str], default_config: pathlib.Path) -> str | None
     valid = _flat_keys(config)
     for arg in argv:
         if arg.startswith("--config."):
-            field = arg[len("--config.") :].split("=", 1)[0]
+            field, has_value, value = arg[len("--config.") :].partition("=")
             if field not in valid:
                 return f"Unknown config field {field!r} (from {arg!r}). Valid fields: " + ", ".join(
                     valid
                 )
+            if has_value:
+                message = _type_problem(field, value, _lookup(config, field))
+                if message:
+                    return message
     return None
+
+
+def _lookup(config, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+_BOOLS = ("true", "false", "t", "f", "1", "0")
+
+
+def _type_problem(field: str, value: str, default) -> str | None:
+    """A message if `value` cannot be parsed as the type of the field's `default`.
+
+    absl would reject it too, but with a bare parser error ("invalid literal for
+    int() with base 10") that does not say what the field expects.
+    """
+    if isinstance(default, bool):
+        ok, expected = value.strip().lower() in _BOOLS, "a bool (true or false)"
+    elif isinstance(default, int):
+        ok, expected = _parses(int, value), "an int"
+    elif isinstance(default, float):
+        ok, expected = _parses(float, value), "a number"
+    else:
+        return None  # strings take anything; tuples are parsed (and checked) by absl
+    if ok:
+        return None
+    return (
+        f"config.{field} must be {expected} (its default is {default!r}). "
+        f"Received: --config.{field}={value!r}."
+    )
+
+
+def _parses(kind, value: str) -> bool:
+    try:
+        kind(value)
+    except ValueError:
+        return False
+    return True

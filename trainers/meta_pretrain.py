@@ -6,7 +6,9 @@
 Thin: flags -> a locked config -> one library call. Unknown or invalid config
 fields stop the run before any training with a message that names the field
 and lists the valid ones. Re-running with the same --workdir resumes from the
-last checkpoints.
+last checkpoint that restores (a damaged one is skipped with a warning). Bad
+data, a non-finite PT loss or a directory with no usable checkpoint end the run
+with exit status 1 and one `error: ...` line.
 """
 
 import pathlib
@@ -15,6 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from metapt_tf.data import mnist
 from metapt_tf.training import mnist_experiments, online
 from trainers.config_overrides import check_overrides
 
@@ -43,7 +46,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(e)) from e
     try:
         mnist_experiments.run(config, _WORKDIR.value)
-    except online.NonFiniteLossError as e:
+    except (
+        online.NonFiniteLossError,
+        online.CheckpointRestoreError,
+        mnist.DigitsUnavailableError,
+        FileNotFoundError,
+        ValueError,  # bad data (named by the data layer); config errors were caught above
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -7,7 +7,10 @@
 Thin: flags -> a locked config -> one library call (chosen by
 `config.experiment`). Unknown or invalid config fields stop the run before any
 training with a message naming the field. Re-running with the same --workdir
-skips finished runs and resumes unfinished ones from their checkpoints.
+skips finished runs and resumes unfinished ones from their checkpoints (a
+damaged checkpoint is skipped with a warning). Bad data, a non-finite PT loss or
+a directory with no usable checkpoint end the run with exit status 1 and one
+`error: ...` line.
 """
 
 import pathlib
@@ -49,7 +52,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(e)) from e
     try:
         module.run(config, _WORKDIR.value)
-    except (online.NonFiniteLossError, FloatingPointError, FileNotFoundError) as e:
+    except (
+        online.NonFiniteLossError,
+        online.CheckpointRestoreError,
+        FloatingPointError,
+        FileNotFoundError,
+        ValueError,  # bad data (named by the data layer); config errors were caught above
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

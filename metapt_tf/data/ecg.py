@@ -143,8 +143,8 @@ def load_ptbxl(root: str, *, length: int = DEFAULT_LENGTH) -> EcgData:
     Raises:
       FileNotFoundError: a CSV or a record file is missing (the message names it).
       ValueError: a CSV lacks a column or has a malformed value, or a record is
-        not 100 Hz, not 12 leads or not 1000 samples long (the message names
-        the record).
+        not 100 Hz, not the 12 leads of `LEADS` (by count and by name), or not
+        1000 samples long (the message names the record).
     """
     length = _as_count("length", length)
     if length < PTBXL_NUM_SAMPLES:
@@ -323,6 +323,14 @@ def _read_record(wfdb, path: str, ecg_id: int, database_path: str) -> np.ndarray
             f"PTB-XL record {path} (ecg_id={ecg_id}) must have {NUM_LEADS} leads. "
             f"Received: {signal.shape[1] if signal.ndim == 2 else signal.shape} "
             f"(sig_name={fields.get('sig_name')})"
+        )
+    names = [str(n).upper() for n in fields.get("sig_name") or []]
+    if names and names != list(LEADS):
+        missing = [lead for lead in LEADS if lead not in names]
+        raise ValueError(
+            f"PTB-XL record {path} (ecg_id={ecg_id}) must hold the leads {list(LEADS)} in "
+            f"this order. Received: sig_name={fields.get('sig_name')}"
+            + (f" (missing: {missing})" if missing else "")
         )
     if signal.shape[0] != PTBXL_NUM_SAMPLES:
         raise ValueError(
@@ -649,8 +657,8 @@ def make_dataset(
     `metapt_tf.data.make_dataset`).
 
     Args:
-      signals: [N, length, leads] signals.
-      labels: [N, classes] multi-hot labels.
+      signals: [N, length, 12] signals.
+      labels: [N, 5] multi-hot labels.
       batch_size: examples per batch, in [1, N].
       seed: the order of the examples depends on this seed only.
       repeat: repeat forever; else one epoch.
@@ -658,12 +666,15 @@ def make_dataset(
     """
     signals = np.asarray(signals, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.float32)
-    if signals.ndim != 3:
-        raise ValueError(f"signals must be [N, length, leads]. Received: shape={signals.shape}")
-    if labels.ndim != 2 or labels.shape[0] != signals.shape[0]:
+    if signals.ndim != 3 or signals.shape[2] != NUM_LEADS:
         raise ValueError(
-            f"labels must be [N, classes] with N={signals.shape[0]} as in signals. "
-            f"Received: shape={labels.shape}"
+            f"signals must be [N, length, {NUM_LEADS}] (the leads {', '.join(LEADS)}). "
+            f"Received: shape={signals.shape}"
+        )
+    if labels.ndim != 2 or labels.shape != (signals.shape[0], NUM_CLASSES):
+        raise ValueError(
+            f"labels must be [N, {NUM_CLASSES}] (multi-hot over {', '.join(SUPERCLASSES)}) with "
+            f"N={signals.shape[0]} as in signals. Received: shape={labels.shape}"
         )
     return mnist.make_dataset(
         {"signal": signals, "label": labels},

@@ -72,6 +72,7 @@ _SPECIES_KEY = f"context/{SPECIES}"
 
 _DEFAULT_SHUFFLE_BUFFER = 10_000
 _LABEL_READ_BATCH = 4096
+_CHECK_BATCH = 1024  # records parsed at a time by check_records
 
 
 # --- Schema ------------------------------------------------------------------------------------
@@ -509,6 +510,11 @@ class _Mismatch(Exception):
     pass
 
 
+def _first_line(error: Exception) -> str:
+    text = (getattr(error, "message", None) or str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _list_kind(dtype_enum: int) -> str:
     dtype = tf.as_dtype(dtype_enum)
     if dtype.is_floating:
@@ -658,6 +664,59 @@ def _iter_records(files: Sequence[str]) -> Iterator[tuple[str, int, bytes]]:
                 yield f, i, record
         except tf.errors.OpError as e:
             raise ValueError(f"{f}: not a readable TFRecord file: {e.message}") from e
+
+
+def check_records(
+    file_pattern: str | os.PathLike | Sequence[str | os.PathLike], schema: tfgnn.GraphSchema
+) -> int:
+    """Checks every record of the matching files against `schema`; returns how many there are.
+
+    `load_dataset` checks the first record of each file only, so that opening a
+    large dataset is cheap; a bad record further on would then fail in the middle
+    of training with a parser error that names neither file nor record. This reads
+    every record once with TensorFlow's parser, in batches, and if one does not
+    parse, names it.
+
+    Raises:
+      FileNotFoundError: if no file matches the pattern.
+      ValueError: naming the file, the record's position in it and what is wrong.
+    """
+    files = match_files(file_pattern)
+    num_tasks(schema)
+    spec = tfgnn.create_graph_spec_from_schema_pb(schema)
+
+    def parsed_batch(i: tf.Tensor, serialized: tf.Tensor) -> tf.Tensor:
+        graph = tfgnn.parse_example(spec, serialized)
+        # Depend on the parse, so that it is not pruned away.
+        return i + 0 * tf.cast(tf.reduce_sum(graph.node_sets[NODE_SET].sizes), tf.int64)
+
+    total = 0
+    for f in files:
+        batches = _record_dataset([f]).batch(_CHECK_BATCH).enumerate()
+        try:
+            good = list(batches.map(parsed_batch).ignore_errors().as_numpy_iterator())
+            count = int(_record_dataset([f]).reduce(np.int64(0), lambda n, _: n + 1))
+        except tf.errors.OpError as e:
+            raise ValueError(f"{f}: not a readable TFRecord file: {e.message}") from e
+        num_batches = -(-count // _CHECK_BATCH)
+        if len(good) != num_batches:
+            first_bad = min(set(range(num_batches)) - {int(i) for i in good})
+            start = first_bad * _CHECK_BATCH
+            batch = _record_dataset([f]).skip(start).take(_CHECK_BATCH)
+            for j, record in enumerate(batch.as_numpy_iterator()):
+                problem = _record_problem(record, schema)
+                if problem is None:
+                    try:  # what _record_problem does not check, the parser does
+                        tfgnn.parse_single_example(spec, tf.constant(record))
+                    except (tf.errors.OpError, ValueError) as e:
+                        problem = f"TensorFlow's parser rejects it: {_first_line(e)}"
+                if problem:
+                    raise ValueError(
+                        f"{f}: record {start + j} (0-based) does not match the graph "
+                        f"schema: {problem}"
+                    )
+        total += count
+    return total
 
 
 def count_graphs(file_pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> int:

@@ -124,13 +124,39 @@ def load_digits(source: str = "auto", data_dir: str | None = None) -> Digits:
     return digits
 
 
+_IMAGE_LAYOUTS = ((784,), (28, 28), IMAGE_SHAPE)
+
+
 def _make_digits(images: np.ndarray, labels: np.ndarray, source: str, template: str) -> Digits:
-    images = np.asarray(images, dtype=np.float32).reshape((-1, *IMAGE_SHAPE)) / np.float32(255)
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if images.shape[0] != labels.shape[0]:
-        raise DigitsUnavailableError(
-            f"{source} returned {images.shape[0]} images but {labels.shape[0]} labels"
+    """Checks what a source returned (shapes, label range) and scales pixels to [0, 1].
+
+    Raises:
+      ValueError: naming the source, what it returned and what is expected.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim < 2 or tuple(images.shape[1:]) not in _IMAGE_LAYOUTS:
+        raise ValueError(
+            f"The {source} digits must be 28x28 grey images, [N, 28, 28, 1], [N, 28, 28] or "
+            f"[N, 784]. Received: images of shape {images.shape}"
         )
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise ValueError(
+            f"The {source} labels must be class ids 0..9, one per image ([N]). Received: "
+            f"labels of shape {labels.shape}"
+        )
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{source} returned {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.shape[0] == 0:
+        raise ValueError(f"{source} returned no digits (0 images)")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(
+            f"The {source} labels must be class ids 0..9. Received: labels in "
+            f"[{labels.min()}, {labels.max()}]"
+        )
+    images = images.astype(np.float32).reshape((-1, *IMAGE_SHAPE)) / np.float32(255)
+    labels = labels.astype(np.int64)
     return Digits(images, labels, source, template.format(n=labels.shape[0]))
 
 

@@ -20,20 +20,45 @@ step counters, the random generator, the data iterators, and the host-side
 history. A run killed at any point and restarted with the same arguments ends
 with the same phi (ops are made deterministic).
 
-A non-finite PT loss stops the run with `NonFiniteLossError` naming the step.
+Faults, and what the loop does about each:
+
+* A NaN/Inf in a PT step's batch, loss or gradient (warm-up or meta-PT) stops
+  the run with `NonFiniteLossError` naming the PT step, the meta-step and which
+  of the three it was; nothing is saved after it, so the last checkpoint is
+  from before. A PT step is not skipped: PT data or a learning rate that
+  produce NaN need a person.
+* A non-finite meta-gradient -- from a NaN/Inf in the meta-step's FT-train,
+  FT-val or PT batch, or from the solver -- skips that meta-update: phi, its
+  optimizer and the persistent FT head keep their values; it is counted
+  (`skipped_meta_steps`, in the result and the history) and logged, naming the
+  batch. Batches are checked themselves, not only what is computed from them:
+  oneDNN's fused MatMul+ReLU can turn a NaN input into a zero activation.
+* A plain FT-head step during PT with a NaN/Inf in its FT-train batch or
+  update is skipped the same way (the head keeps its value), counted
+  (`skipped_head_steps`) and logged.
+* On resume, the newest checkpoint that restores is used: one that fails to
+  restore (truncated, corrupted, unreadable) is logged as a warning naming it
+  and the error, moved aside (`<name>.corrupt`), and the one before it is
+  tried. If none restores, `CheckpointRestoreError` names the directory; the
+  run never starts from scratch over existing checkpoints. History records
+  past the restored step are dropped.
+
 TensorBoard scalars, histograms and images go to `workdir`, and a progress line
 with rate and ETA to `log` at every logging step.
 """
 
 import dataclasses
+import glob
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from metapt_tf import hypergrad
 from metapt_tf.training import interfaces, reporting
@@ -47,7 +72,11 @@ META_LR_DECAYS = ("none", "linear", "cosine")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The PT loss became NaN or Inf; the message names the step."""
+    """A PT batch, the PT loss or its gradient was NaN or Inf; the message names the step."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of a run's directory could be restored; the message names it."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -192,6 +221,9 @@ class OnlineResult:
       skipped_meta_steps: meta-updates skipped for a non-finite meta-gradient.
       resumed_from: the meta-step the run resumed at (None for a fresh start).
       seconds: wall time of this invocation.
+      skipped_head_steps: plain FT-head steps during PT skipped for a non-finite
+        update (an FT-train batch with a NaN or Inf).
+      restored_from: the checkpoint the run resumed from (None for a fresh start).
     """
 
     history: dict[str, list]
@@ -200,6 +232,8 @@ class OnlineResult:
     skipped_meta_steps: int
     resumed_from: int | None
     seconds: float
+    skipped_head_steps: int = 0
+    restored_from: str | None = None
 
 
 def _to_jsonable(value):
@@ -208,6 +242,25 @@ def _to_jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _finite(structure) -> tf.Tensor:
+    """True iff every float tensor in `structure` (batches, GraphTensors included) is finite.
+
+    Checked on the batches themselves, not only on what is computed from them: with
+    oneDNN's fused MatMul+ReLU a NaN input can come out as a zero activation, so a
+    NaN batch may leave no trace in a loss (observed with TF 2.21 on CPU).
+    """
+    checks = [
+        tf.reduce_all(tf.math.is_finite(t))
+        for t in tf.nest.flatten(structure, expand_composites=True)
+        if isinstance(t, tf.Tensor) and t.dtype.is_floating
+    ]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
+
+
+# Why a PT step is bad, by priority (codes returned by the compiled PT steps).
+_PT_OK, _PT_BAD_BATCH, _PT_BAD_LOSS, _PT_BAD_GRADIENT = 0, 1, 2, 3
 
 
 class _Loop:
@@ -323,9 +376,14 @@ class _Loop:
             )
         state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
         new_head, new_state = self.ft_rule.apply(head, tape.gradient(loss, head), state)
+        # A NaN/Inf in the FT batch would poison the persistent head for good: skip it.
+        finite = tf.logical_and(_finite(batch), _finite([new_head, new_state]))
         for var, value in zip(self.head, new_head, strict=True):
-            var.assign(value)
-        tf.nest.map_structure(lambda v, t: v.assign(t), self.head_state, new_state)
+            var.assign(tf.where(finite, value, var))
+        tf.nest.map_structure(
+            lambda v, t: v.assign(tf.where(finite, t, v)), self.head_state, new_state
+        )
+        return finite
 
     def _pt_batch(self, iterator):
         batch = next(iterator)
@@ -335,17 +393,31 @@ class _Loop:
 
     def _pt_steps(self, num_steps, head_steps):
         losses = tf.TensorArray(self.dtype, size=num_steps)
+        codes = tf.TensorArray(tf.int32, size=num_steps)
+        head_skipped = tf.constant(0, tf.int64)
         for i in tf.range(num_steps):
             batch = self._pt_batch(self.pt_iter)
             with tf.GradientTape() as tape:
                 loss = self.problem.pt_loss_fn(batch)
             grads = tape.gradient(loss, self.pt_params)
+            # The host stops the run after this chunk if a code is not _PT_OK.
+            code = tf.where(
+                tf.logical_not(_finite(batch)),
+                _PT_BAD_BATCH,
+                tf.where(
+                    tf.logical_not(tf.math.is_finite(loss)),
+                    _PT_BAD_LOSS,
+                    tf.where(_finite(grads), _PT_OK, _PT_BAD_GRADIENT),
+                ),
+            )
             self.pt_optimizer.apply_gradients(zip(grads, self.pt_params, strict=True))
             if head_steps:
-                self._head_plain_step()
+                head_finite = self._head_plain_step()
+                head_skipped += tf.cast(tf.logical_not(head_finite), tf.int64)
             losses = losses.write(i, loss)
+            codes = codes.write(i, code)
             self.pt_step.assign_add(1)
-        return losses.stack()
+        return losses.stack(), codes.stack(), head_skipped
 
     def _meta_step(self):
         if self.c.head == "pt_head":
@@ -366,7 +438,14 @@ class _Loop:
         ft_batches = [next(self.ft_train_iter) for _ in range(self.c.ft_unroll_steps)]
         val_batch = next(self.ft_val_iter)
         result = self.meta_gradient(pt_batch, ft_batches, val_batch, head, state)
-        head_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(h)) for h in result.ft_params])
+        batches_finite = {
+            "pt_batch": _finite(pt_batch),
+            "ft_train_batch": _finite(ft_batches),
+            "ft_val_batch": _finite(val_batch),
+        }
+        head_finite = tf.logical_and(
+            batches_finite["ft_train_batch"], _finite([result.ft_params, result.ft_state])
+        )
         if self.c.head == "persistent":
             for var, value in zip(self.head, result.ft_params, strict=True):
                 var.assign(tf.where(head_finite, value, var))
@@ -377,11 +456,12 @@ class _Loop:
             )
         grads = result.meta_grads
         norm = tf.linalg.global_norm(grads)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        finite = tf.reduce_all([_finite(grads), *batches_finite.values()])
         self.meta_step.assign_add(1)
         return {
             "grads": grads,
             "finite": finite,
+            "batches_finite": batches_finite,
             "meta_grad_norm": norm,
             "ft_val_loss": result.ft_val_loss,
             "ft_train_loss": result.ft_train_losses[0],
@@ -398,9 +478,11 @@ class _Loop:
             grads = [g * tf.cast(scale, g.dtype) for g in grads]
         self.meta_optimizer.apply_gradients(zip(grads, self.meta_params, strict=True))
 
-    def pt_steps(self, n: int) -> np.ndarray:
+    def pt_steps(self, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Runs n PT steps; returns their losses, their _PT_* codes, and FT-head steps skipped."""
         head_steps = self.c.head == "persistent" and self.c.head_steps_during_pt
-        return self._pt_steps_fn(tf.constant(n), head_steps).numpy()
+        losses, codes, head_skipped = self._pt_steps_fn(tf.constant(n), head_steps)
+        return losses.numpy(), codes.numpy(), int(head_skipped)
 
     def meta_step_and_update(self) -> dict:
         out = self._meta_step_fn()
@@ -409,9 +491,118 @@ class _Loop:
             self._apply_meta_fn(out["grads"])
         else:
             self.skipped.assign_add(1)
-        metrics = {k: float(v) for k, v in out.items() if k not in ("grads", "finite")}
+        skip = ("grads", "finite", "batches_finite")
+        metrics = {k: float(v) for k, v in out.items() if k not in skip}
         metrics["finite"] = finite
+        metrics["bad_batches"] = [k for k, v in out["batches_finite"].items() if not bool(v)]
         return metrics
+
+
+# A damaged checkpoint fails to restore with DataLossError (bad checksum), OpError
+# ("not an sstable"), IndexError ("Read less bytes than requested": a truncated data
+# file), NotFoundError (missing files), ValueError or AssertionError (objects that do
+# not match): any exception means "not usable", and the next older one is tried.
+_CHECKPOINT_NUMBER = re.compile(r"-(\d+)$")
+
+
+def _checkpoint_candidates(manager: tf.train.CheckpointManager) -> list[str]:
+    """Every checkpoint of the manager's directory, newest first.
+
+    The manager's own list, and any `ckpt-N` whose `.index` is on disk but which
+    it does not list: a damaged or missing state file must not hide checkpoints.
+    Checkpoints moved aside by an earlier fallback are left out.
+    """
+    paths = {os.path.normpath(p) for p in manager.checkpoints}
+    pattern = os.path.join(glob.escape(manager.directory), "ckpt-*.index")
+    paths.update(os.path.normpath(p[: -len(".index")]) for p in glob.glob(pattern))
+    paths = {
+        p for p in paths if os.path.exists(p + ".index") or not os.path.exists(p + ".index.corrupt")
+    }
+
+    def number(path: str) -> int:
+        match = _CHECKPOINT_NUMBER.search(path)
+        return int(match.group(1)) if match else -1
+
+    return sorted(paths, key=number, reverse=True)
+
+
+def _move_aside(path: str) -> list[str]:
+    """Renames the files of checkpoint `path` to `<file>.corrupt`; returns the new names."""
+    moved = []
+    for f in sorted(glob.glob(glob.escape(path) + ".*")):
+        if not f.endswith(".corrupt"):
+            os.replace(f, f + ".corrupt")
+            moved.append(f + ".corrupt")
+    return moved
+
+
+def _first_line(error: Exception) -> str:
+    text = (getattr(error, "message", None) or str(error)).strip()
+    text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text)  # TF's op-name prefix
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _restore_newest_good(
+    checkpoint: tf.train.Checkpoint,
+    manager: tf.train.CheckpointManager,
+    warn: Callable[[str], None],
+) -> str | None:
+    """Restores the newest checkpoint of `manager`'s directory that restores; returns it.
+
+    A checkpoint that fails is reported through `warn` (naming it and the error)
+    and the next older one is tried. A failed attempt may have assigned some
+    variables; the next restore assigns every one of them again. Once one
+    restores, the failed ones are moved aside (`<file>.corrupt`), kept for
+    inspection; the run then saves over their numbers. Returns None when the
+    directory holds no checkpoint.
+
+    Raises:
+      CheckpointRestoreError: there are checkpoints and none of them restores.
+    """
+    candidates = _checkpoint_candidates(manager)
+    failures = []
+    for i, path in enumerate(candidates):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except Exception as e:  # see above: any failure means the checkpoint is unusable
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+            failures.append(f"{path} ({reason})")
+            nxt = "trying the one before it" if i + 1 < len(candidates) else "no older one left"
+            warn(f"Checkpoint {path} could not be restored ({reason}); {nxt}.")
+            continue
+        for bad in candidates[:i]:
+            moved = _move_aside(bad)
+            if moved:
+                warn(f"Moved the damaged checkpoint {bad} aside: {', '.join(moved)}.")
+        return path
+    if failures:
+        raise CheckpointRestoreError(
+            f"None of the {len(failures)} checkpoint(s) in {manager.directory} could be "
+            f"restored: {'; '.join(failures)}. The run does not start from scratch over "
+            "them: move that directory aside to start afresh, or use a --workdir whose "
+            "checkpoints match this config."
+        )
+    return None
+
+
+def _write_json(path: str, value) -> None:
+    """Writes `value` as JSON to `path` atomically (a reader sees the old or the new file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str, default, warn: Callable[[str], None]):
+    """The JSON in `path`; `default` (with a warning) if it is missing or unreadable."""
+    if not os.path.exists(path):
+        return default
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        warn(f"{path} could not be read ({type(e).__name__}: {e}); starting it afresh.")
+        return default
 
 
 def run(
@@ -442,57 +633,77 @@ def run(
 
     Raises:
       ValueError: a bad config field (named).
-      NonFiniteLossError: the PT loss became non-finite (the step is named).
+      NonFiniteLossError: a PT batch, loss or gradient was NaN/Inf (the step is named).
+      CheckpointRestoreError: `workdir` holds checkpoints and none restores.
     """
     validate_config(config)
     c = config
     start_time = time.perf_counter()
     say = log or (lambda _: None)
+
+    def warn(message: str) -> None:
+        logging.warning("%s", message)  # on stderr even when `log` is None
+        say(f"warning: {message}")
+
     loop = _Loop(problem, pt_data, ft_train_data, ft_val_data, c, meta_pt_data)
     os.makedirs(workdir, exist_ok=True)
     manager = tf.train.CheckpointManager(
         loop.checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=c.max_checkpoints
     )
     history_path = os.path.join(workdir, "history.json")
+    # Host-side counters at each checkpoint's PT step (not in the TF checkpoint, whose
+    # layout older runs must still restore).
+    counters_path = os.path.join(workdir, "counters.json")
     records: list[dict] = []  # one per logging step; saved with every checkpoint
+    counters: dict[str, dict] = {}
+    head_skipped = 0
     resumed_from = None
-    if manager.latest_checkpoint:
-        loop.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    restored = _restore_newest_good(loop.checkpoint, manager, warn)
+    if restored is not None:
         resumed_from = int(loop.meta_step.numpy())
-        if os.path.exists(history_path):
-            with open(history_path) as f:
-                restored_pt_step = int(loop.pt_step.numpy())
-                records = [r for r in json.load(f) if r["pt_step"] <= restored_pt_step]
-        say(
-            f"Resuming from {manager.latest_checkpoint} (PT step {int(loop.pt_step.numpy())}, "
-            f"meta-step {resumed_from})."
-        )
+        restored_pt_step = int(loop.pt_step.numpy())
+        records = _read_json(history_path, [], warn)
+        records = [r for r in records if r["pt_step"] <= restored_pt_step]
+        counters = _read_json(counters_path, {}, warn)
+        counters = {k: v for k, v in counters.items() if int(k) <= restored_pt_step}
+        head_skipped = int(counters.get(str(restored_pt_step), {}).get("skipped_head_steps", 0))
+        say(f"Resuming from {restored} (PT step {restored_pt_step}, meta-step {resumed_from}).")
 
     saved_at = [None]
 
     def save():
-        if saved_at[0] == int(loop.pt_step.numpy()):
+        step = int(loop.pt_step.numpy())
+        if saved_at[0] == step:
             return
-        saved_at[0] = int(loop.pt_step.numpy())
-        manager.save(checkpoint_number=saved_at[0])
-        tmp = history_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f)
-        os.replace(tmp, history_path)
+        saved_at[0] = step
+        # History first: killed between the two writes, a resume drops the records past
+        # the checkpoint's step; the other order would lose the records up to it.
+        counters[str(step)] = {"skipped_head_steps": head_skipped}
+        _write_json(history_path, records)
+        _write_json(counters_path, counters)
+        manager.save(checkpoint_number=step)
 
     writer = tf.summary.create_file_writer(workdir)
     total_pt = c.warmup_steps + c.num_meta_steps * c.pt_steps_per_meta_step
 
-    def check_losses(losses: np.ndarray, first_step: int) -> None:
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if bad.size:
-            step = first_step + int(bad[0]) + 1
-            raise NonFiniteLossError(
-                f"The PT loss is {losses[bad[0]]} at PT step {step} (meta-step "
-                f"{int(loop.meta_step.numpy())}). Lower config.meta.pt_learning_rate "
-                f"({c.pt_learning_rate}) or check the PT data; the last checkpoint is in "
-                f"{manager.directory}."
+    def check_losses(losses: np.ndarray, codes: np.ndarray, first_step: int) -> None:
+        bad = np.flatnonzero(codes != _PT_OK)
+        if not bad.size:
+            return
+        i = int(bad[0])
+        where = f"at PT step {first_step + i + 1} (meta-step {int(loop.meta_step.numpy())})"
+        lower = f"Lower config.meta.pt_learning_rate ({c.pt_learning_rate}) or check the PT data"
+        last = f"the last checkpoint is in {manager.directory}."
+        if codes[i] == _PT_BAD_BATCH:
+            message = (
+                f"The PT batch holds NaN or Inf values {where}; PT loss {losses[i]}. "
+                f"Check the PT data; {last}"
             )
+        elif codes[i] == _PT_BAD_LOSS:
+            message = f"The PT loss is {losses[i]} {where}. {lower}; {last}"
+        else:
+            message = f"The PT gradient is NaN or Inf {where}; PT loss {losses[i]}. {lower}; {last}"
+        raise NonFiniteLossError(message)
 
     def record(entry: dict) -> None:
         if problem.describe_fn is not None:
@@ -519,36 +730,54 @@ def run(
             }
         )  # images go to TensorBoard only
 
+    def pt_steps(n: int) -> np.ndarray:
+        nonlocal head_skipped
+        done = int(loop.pt_step.numpy())
+        losses, codes, skipped = loop.pt_steps(n)
+        check_losses(losses, codes, done)
+        if skipped:
+            head_skipped += skipped
+            say(
+                f"PT steps {done + 1}-{done + n}: {skipped} non-finite FT-head update(s) "
+                f"skipped ({head_skipped} so far)."
+            )
+        return losses
+
     # Warm-up: plain PT in chunks, a checkpoint after each.
     chunk = c.log_every * c.pt_steps_per_meta_step
     while int(loop.pt_step.numpy()) < c.warmup_steps:
         done = int(loop.pt_step.numpy())
         n = min(chunk, c.warmup_steps - done)
         t0 = time.perf_counter()
-        losses = loop.pt_steps(n)
-        check_losses(losses, done)
+        losses = pt_steps(n)
         rate = n / (time.perf_counter() - t0)
         say(
             f"warm-up PT step {done + n}/{c.warmup_steps}  pt_loss {losses.mean():.4f}  "
             f"{rate:.1f} steps/s"
         )
-        record({"meta_step": 0, "pt_step": done + n, "pt_loss": float(losses.mean())})
+        record(
+            {
+                "meta_step": 0,
+                "pt_step": done + n,
+                "pt_loss": float(losses.mean()),
+                "skipped_head_steps": head_skipped,
+            }
+        )
         save()
 
     # Meta-PT (or, with meta_enabled=False, the same PT schedule without meta-steps).
     pt_losses: list[float] = []
     window_start, window_steps = time.perf_counter(), 0
     while int(loop.pt_step.numpy()) < total_pt:
-        done_pt = int(loop.pt_step.numpy())
-        losses = loop.pt_steps(c.pt_steps_per_meta_step)
-        check_losses(losses, done_pt)
+        losses = pt_steps(c.pt_steps_per_meta_step)
         pt_losses.extend(losses.tolist())
         if c.meta_enabled:
             metrics = loop.meta_step_and_update()
             if not metrics["finite"]:
+                cause = ", ".join(metrics["bad_batches"]) or "the meta-gradient itself"
                 say(
                     f"meta-step {int(loop.meta_step.numpy())}: non-finite meta-gradient; "
-                    f"update skipped ({int(loop.skipped.numpy())} so far)."
+                    f"update skipped ({int(loop.skipped.numpy())} so far; NaN/Inf in {cause})."
                 )
         else:
             loop.meta_step.assign_add(1)
@@ -567,8 +796,9 @@ def run(
                 "pt_loss": float(np.mean(pt_losses)),
                 "steps_per_sec": rate,
                 "skipped_meta_steps": int(loop.skipped.numpy()),
+                "skipped_head_steps": head_skipped,
             }
-            entry.update({k: v for k, v in metrics.items() if k != "finite"})
+            entry.update({k: v for k, v in metrics.items() if k not in ("finite", "bad_batches")})
             pt_losses = []
             record(entry)
             width = len(str(num_steps))
@@ -598,4 +828,6 @@ def run(
         skipped_meta_steps=int(loop.skipped.numpy()),
         resumed_from=resumed_from,
         seconds=time.perf_counter() - start_time,
+        skipped_head_steps=head_skipped,
+        restored_from=restored,
     )

@@ -164,6 +164,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
         )
     schema = graphs.read_schema(os.path.join(directory, SCHEMA_FILE))
     num_pt_tasks, num_ft_tasks = graphs.num_tasks(schema)
+    # Every record against the schema now, rather than a parser error mid-training.
+    counts = {name: graphs.check_records(_find(directory, name), schema) for name in FILES}
+    empty = [_find(directory, name) for name, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(f"The dataset file(s) {empty} hold no records (ego-graphs).")
     kinds = None
     info_path = os.path.join(directory, TASK_INFO_FILE)
     if os.path.exists(info_path):
@@ -179,7 +184,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
         description=description,
         num_pt_tasks=num_pt_tasks,
         num_ft_tasks=num_ft_tasks,
-        num_ft_graphs=graphs.count_graphs(_find(directory, "ft_train.tfrecord")),
+        num_ft_graphs=counts["ft_train.tfrecord"],
         task_kinds=kinds,
     )
 

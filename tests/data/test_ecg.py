@@ -164,6 +164,18 @@ def test_ptbxl_record_with_11_leads_is_named(ptbxl_copy):
         ecg.load_ptbxl(ptbxl_copy)
 
 
+def test_ptbxl_record_with_a_missing_lead_name_is_named(ptbxl_copy):
+    path = os.path.join(ptbxl_copy, _filename(2))
+    _write_record(ptbxl_copy, 2, np.zeros((1000, 12)))
+    header = open(path + ".hea").read().replace(" V6", " V5")  # 12 signals, V6 missing
+    with open(path + ".hea", "w") as f:
+        f.write(header)
+    with pytest.raises(
+        ValueError, match=r"00002_lr \(ecg_id=2\) must hold the leads.*missing: \['V6'\]"
+    ):
+        ecg.load_ptbxl(ptbxl_copy)
+
+
 def test_ptbxl_record_with_wrong_length_is_named(ptbxl_copy):
     _write_record(ptbxl_copy, 5, np.zeros((900, 12)))
     with pytest.raises(ValueError, match=r"00005_lr \(ecg_id=5\) must have 1000 samples.*900"):
@@ -327,5 +339,15 @@ def test_make_dataset_batches_signal_label_index_and_resumes():
     expected = [next(it)["index"].numpy() for _ in range(4)]
     ckpt.read(path).assert_consumed()
     np.testing.assert_array_equal([next(it)["index"].numpy() for _ in range(4)], expected)
-    with pytest.raises(ValueError, match=r"labels must be \[N, classes\] with N=12"):
+    with pytest.raises(ValueError, match=r"labels must be \[N, 5\] .* with N=12"):
         ecg.make_dataset(d.signals, d.labels[:5], batch_size=4, seed=2)
+
+
+def test_make_dataset_names_wrong_lead_and_label_widths():
+    d = ecg.make_synthetic_ecg(12, seed=5)
+    with pytest.raises(
+        ValueError, match=r"signals must be \[N, length, 12\].*shape=\(12, 1024, 11\)"
+    ):
+        ecg.make_dataset(d.signals[..., :11], d.labels, batch_size=4, seed=2)
+    with pytest.raises(ValueError, match=r"labels must be \[N, 5\].*shape=\(12, 4\)"):
+        ecg.make_dataset(d.signals, d.labels[:, :4], batch_size=4, seed=2)

@@ -353,6 +353,29 @@ def test_schema_mismatch_names_file_feature_and_sizes(five_graphs_file, schema):
         graphs.load_graphs(five_graphs_file, wider)
 
 
+def test_check_records_names_a_bad_record_past_the_first(five_graphs, schema, tmp_path):
+    path = str(tmp_path / "one_bad.tfrecord")
+    examples = [graphs.to_example(g) for g in five_graphs]
+    examples[3].features.feature["context/ft_labels"].float_list.value.append(1.0)
+    with tf.io.TFRecordWriter(path) as writer:
+        for example in examples:
+            writer.write(example.SerializeToString())
+    assert graphs.load_dataset(path, schema, batch_size=2) is not None  # record 0 is fine
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{path}: record 3 (0-based) does not match the graph schema: feature ")
+        + r"'context/ft_labels' has 4 values, expected 3",
+    ):
+        graphs.check_records(path, schema)
+
+
+def test_check_records_counts_good_files(five_graphs_file, schema, tmp_path):
+    assert graphs.check_records(five_graphs_file, schema) == 5
+    empty = str(tmp_path / "empty.tfrecord")
+    graphs.write_tfrecord(empty, [], schema)
+    assert graphs.check_records(empty, schema) == 0
+
+
 def test_not_a_tfrecord_file(schema, tmp_path):
     path = tmp_path / "notes.tfrecord"
     path.write_text("these are not records\n" * 10)

