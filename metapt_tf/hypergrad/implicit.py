@@ -27,8 +27,6 @@ and to the mixed term, so the solver sees the whole Hessian.
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-ReduceFn = Callable[[list], Sequence]
-
 import tensorflow as tf
 
 from metapt_tf.hypergrad import _vectors
@@ -36,6 +34,8 @@ from metapt_tf.hypergrad import hessian as hvp_lib
 from metapt_tf.hypergrad import solvers as solvers_lib
 
 _ZERO = tf.UnconnectedGradients.ZERO
+
+ReduceFn = Callable[[list], Sequence]
 
 
 class ImplicitResult(NamedTuple):
