@@ -66,12 +66,13 @@ program needs; no TPU strategy is offered by this module and none is tested.
 Mixed precision (`config.meta.mixed_precision`): "mixed_bfloat16" or
 "mixed_float16" computes the backbone (PT and FT) in 16 bits with float32
 variables; the FT head, the losses, v, the solver and the meta-gradient are
-float32. "mixed_float16" scales losses: the PT optimizer is a
-`LossScaleOptimizer` (dynamic loss scale), and the meta-step multiplies the PT
-loss and the FT validation loss by the current loss scale S and divides HVPs,
-the mixed term and the meta-gradient by S (all linear in those losses), so
-small second-order quantities do not underflow in float16. An overflow gives a
-non-finite meta-gradient, which the loop skips and counts.
+float32. "mixed_float16" scales the PT loss: the PT optimizer is a `LossScaleOptimizer`
+(dynamic loss scale S), and the meta-step multiplies the PT loss by S and
+divides every HVP and the mixed term by S (both linear in the loss), so their
+float16 backward passes see the magnitudes the PT gradients do. v is not
+scaled: scaling the FT loss as well would multiply the HVPs' float16
+intermediates by S twice (the vector and the loss) and overflow. An overflow
+gives a non-finite meta-gradient, which the loop skips and counts.
 """
 
 import contextlib
@@ -205,16 +206,22 @@ def scope(strategy: tf.distribute.Strategy, precision: str = "none") -> Iterator
 
 
 def check_precision(backbone: tf.keras.Model, variable_dtype: tf.DType, name: str) -> None:
-    """Raises ValueError if the backbone was not built under the `name` policy."""
-    compute = tf.as_dtype(backbone.compute_dtype)
-    expected = {"none": variable_dtype, "mixed_float16": tf.float16}.get(name, tf.bfloat16)
-    if compute != expected:
-        raise ValueError(
-            f"config.meta.mixed_precision={name!r} expects a backbone computing in "
-            f"{expected.name}, but it computes in {compute.name} (dtype policy "
-            f"{backbone.dtype_policy.name!r}). Build the problem inside "
-            "`with distribute.scope(strategy, config.meta.mixed_precision):`."
-        )
+    """Raises ValueError unless every weighted layer of the backbone has the `name` policy
+    ("none": any policy that computes in its variables' dtype)."""
+    layers = [
+        m
+        for m in [backbone, *backbone.submodules]
+        if isinstance(m, tf.keras.layers.Layer) and m._trainable_weights  # its own weights
+    ]
+    for layer in layers:
+        policy = layer.dtype_policy
+        mixed = policy.compute_dtype != policy.variable_dtype
+        if (name == "none" and mixed) or (name != "none" and policy.name != name):
+            raise ValueError(
+                f"config.meta.mixed_precision={name!r}, but the backbone's layer {layer.name!r} "
+                f"has the dtype policy {policy.name!r}. Build the problem inside "
+                "`with distribute.scope(strategy, config.meta.mixed_precision):`."
+            )
     if name != "none" and variable_dtype != tf.float32:
         raise ValueError(
             f"config.meta.mixed_precision={name!r} needs float32 variables; the PT "

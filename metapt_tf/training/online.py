@@ -331,7 +331,7 @@ class _Loop:
         self.meta_gradient = hypergrad.MetaGradient(
             pt_loss_fn=self._meta_pt_loss,  # the batch went through _pt_batch first
             ft_train_loss_fn=self._ft_train_loss,
-            ft_val_loss_fn=self._meta_ft_val_loss,
+            ft_val_loss_fn=self._ft_loss,
             pt_params=self.pt_params,
             meta_params=self.meta_params,
             ft_update_rule=self.ft_rule,
@@ -385,10 +385,6 @@ class _Loop:
     def _ft_train_loss(self, head, batches, step):
         return self._ft_loss(head, batches[step])
 
-    def _meta_ft_val_loss(self, head, batch):
-        loss = self._ft_loss(head, batch)
-        return loss * self._loss_scale() if self.loss_scaled else loss
-
     def _pt_batch(self, iterator):
         batch = next(iterator)
         if self.problem.pt_batch_fn is not None:
@@ -429,14 +425,9 @@ class _Loop:
         result = self.meta_gradient(
             self.replicas.shard(pt_batch), ft_batches, val_batch, head, state
         )
-        grads, val_loss = result.meta_grads, result.ft_val_loss
-        if self.loss_scaled:
-            scale = self._loss_scale()
-            grads = [g / scale for g in grads]
-            val_loss = val_loss / scale
         out = {
-            "grads": grads,
-            "ft_val_loss": val_loss,
+            "grads": result.meta_grads,
+            "ft_val_loss": result.ft_val_loss,
             "ft_train_loss": result.ft_train_losses[0],
             "solver_residual": result.solver_residual,
             "solver_diverged": result.solver_diverged,
