@@ -276,21 +276,33 @@ def mirrored_checks() -> dict:
 
 
 def worker(out_path: str) -> None:
-    """One MultiWorkerMirrored worker: the strategy first, then a short run; phi to a file."""
+    """One MultiWorkerMirrored worker: the strategy first, then a short run; phi to a file.
+
+    METAPT_WORKDIR is the shared workdir; METAPT_STOP_AFTER, if set, stops the run
+    after that many meta-steps (a later launch resumes it)."""
     c = config(distribute="multi_worker_mirrored", checkpoint_every=2)
     strategy = distribute.make_strategy(c)
     tf.config.experimental.enable_op_determinism()
-    workdir = os.environ["METAPT_WORKDIR"]
+    stop = os.environ.get("METAPT_STOP_AFTER")
     with distribute.scope(strategy):
         problem, weights, data = build()
-    result = online.run(problem, **data, config=c, workdir=workdir, log=None, strategy=strategy)
+    result = online.run(
+        problem,
+        **data,
+        config=c,
+        workdir=os.environ["METAPT_WORKDIR"],
+        log=None,
+        strategy=strategy,
+        stop_after_meta_steps=int(stop) if stop else None,
+    )
     report = {
         "phi": weights.phi.numpy().tolist(),
         "meta_steps": result.meta_steps,
+        "resumed_from": result.resumed_from,
         "num_replicas": strategy.num_replicas_in_sync,
         "chief": distribute.is_chief(strategy),
     }
-    if report["chief"]:  # the oracle: the same run on one device, in this process
+    if report["chief"] and not stop:  # the oracle: the whole run on one device
         problem, weights, data = build()
         online.run(problem, **data, config=config(), workdir=tempfile.mkdtemp(), log=None)
         report["single_device_phi"] = weights.phi.numpy().tolist()

@@ -139,16 +139,16 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def test_two_workers_on_loopback_end_with_the_same_phi(tmp_path):
-    workdir = tmp_path / "run"
+def _run_workers(tmp_path: Path, workdir: Path, launch: str, **env) -> list[dict]:
+    """Two MultiWorkerMirrored workers on 127.0.0.1; their reports (killed after 240 s)."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    procs, reports = [], [tmp_path / f"worker{i}.json" for i in range(2)]
+    procs, reports = [], [tmp_path / f"{launch}_worker{i}.json" for i in range(2)]
     for i in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(CHECKS), "worker", str(reports[i])],
-                env=_env(TF_CONFIG=tf_config, METAPT_WORKDIR=str(workdir)),
+                env=_env(TF_CONFIG=tf_config, METAPT_WORKDIR=str(workdir), **env),
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -160,19 +160,30 @@ def test_two_workers_on_loopback_end_with_the_same_phi(tmp_path):
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail("A multi-worker process did not finish within 240 s (a hung collective?).")
+            p.communicate()
+        pytest.fail(f"{launch}: a worker did not finish within 240 s (a hung collective?).")
     for i, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"worker {i}:\n{err[-4000:]}"
-    chief, other = (json.loads(r.read_text()) for r in reports)
+        assert p.returncode == 0, f"{launch}, worker {i}:\n{err[-4000:]}"
+    return [json.loads(r.read_text()) for r in reports]
+
+
+def test_two_workers_on_loopback_resume_and_end_with_the_same_phi(tmp_path):
+    workdir = tmp_path / "run"
+    # Stopped after 3 of 6 meta-steps, then resumed by two fresh worker processes.
+    first = _run_workers(tmp_path, workdir, "first", METAPT_STOP_AFTER="3")
+    assert [r["meta_steps"] for r in first] == [3, 3]
+    np.testing.assert_array_equal(first[0]["phi"], first[1]["phi"])
+    chief, other = _run_workers(tmp_path, workdir, "resumed")
     assert chief["chief"] and not other["chief"]
     assert chief["num_replicas"] == other["num_replicas"] == 2
+    # Both resumed from the chief's checkpoint (the other worker's own went to a
+    # temporary directory) and ran to the end.
+    assert chief["resumed_from"] == other["resumed_from"] == 3
     assert chief["meta_steps"] == other["meta_steps"] == 6
     np.testing.assert_array_equal(chief["phi"], other["phi"])
     # Each worker reads the global batch and keeps its half: the single-device run.
     assert np.linalg.norm(chief["single_device_phi"]) > 0.1
     assert _rel(chief["phi"], chief["single_device_phi"]) < 1e-6
-    # The chief wrote the outputs; the other worker's checkpoints went to a temporary
-    # directory, gone at the end.
     assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-16")
     assert (workdir / "history.json").exists()
     assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["checkpoints"]
