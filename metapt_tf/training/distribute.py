@@ -87,6 +87,11 @@ import tensorflow as tf
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
+# One strategy per process and device set: two Mirrored strategies over the same
+# devices number their collectives independently, and once both have run, their
+# all-reduces are matched with each other's and abort.
+_STRATEGIES: dict[tuple, tf.distribute.Strategy] = {}
+
 
 def _parse_devices(devices: str | Sequence[str]) -> list[str]:
     if isinstance(devices, str):
@@ -102,6 +107,8 @@ def make_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
       names, e.g. "/gpu:0,/gpu:1"; empty: every local GPU, else the CPU).
     "multi_worker_mirrored": `MultiWorkerMirroredStrategy` over the cluster in
       `TF_CONFIG`; call this before any other TensorFlow op of the program.
+
+    Within a process, the same name and devices give the same strategy object.
     """
     name = config.distribute
     if name not in STRATEGIES:
@@ -115,17 +122,21 @@ def make_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
             f"config.meta.devices is only used with config.meta.distribute='mirrored'. "
             f"Received: config.meta.devices={config.devices!r} with distribute={name!r}."
         )
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices or None)
-    if name == "multi_worker_mirrored":
-        if not os.environ.get("TF_CONFIG"):
-            raise ValueError(
-                "config.meta.distribute='multi_worker_mirrored' needs the cluster in the "
-                'TF_CONFIG environment variable, e.g. {"cluster": {"worker": '
-                '["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}.'
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "multi_worker_mirrored" and not os.environ.get("TF_CONFIG"):
+        raise ValueError(
+            "config.meta.distribute='multi_worker_mirrored' needs the cluster in the "
+            'TF_CONFIG environment variable, e.g. {"cluster": {"worker": '
+            '["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}.'
+        )
+    key = (name, tuple(devices))
+    if key not in _STRATEGIES:
+        if name == "mirrored":
+            _STRATEGIES[key] = tf.distribute.MirroredStrategy(devices or None)
+        else:
+            _STRATEGIES[key] = tf.distribute.MultiWorkerMirroredStrategy()
+    return _STRATEGIES[key]
 
 
 def strategy_kind(strategy: tf.distribute.Strategy) -> str:

@@ -109,6 +109,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if f.learning_rate <= 0:
         raise _fail("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
+    if config.meta.distribute != "default" or config.meta.mixed_precision != "none":
+        # GraphTensor batches have no leading batch dimension to split over replicas.
+        field = "distribute" if config.meta.distribute != "default" else "mixed_precision"
+        raise _fail(
+            f"meta.{field}", config.meta[field], "its default: the benchmark runs on one device"
+        )
 
 
 # ---------------------------------------------------------------------------

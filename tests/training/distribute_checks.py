@@ -14,18 +14,22 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Keras 2, as metapt_tf requires
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from metapt_tf.meta_params import ExampleWeights  # noqa: E402
-from metapt_tf.training import distribute, interfaces, online  # noqa: E402
+from metapt_tf.training import distribute, interfaces, mnist_experiments, online  # noqa: E402
 
 RESULT_MARKER = "DISTRIBUTE_CHECK "
+ROOT = Path(__file__).resolve().parents[2]
 DEVICES = "/cpu:0,/cpu:1"
 N_PT, SHAPE, CLASSES, BATCH = 96, (4, 4, 1), 3, 16
 # (HVP mode, solver) pairs of the meta-gradient comparison: both modes, and CG (run
@@ -144,17 +148,9 @@ def _replica_spread(variables):
     return spread
 
 
-_MIRRORED = []
-
-
 def _strategy(name):
-    # One MirroredStrategy per process: separate instances over the same devices can
-    # reuse each other's collective keys.
-    if name != "mirrored":
-        return tf.distribute.get_strategy()
-    if not _MIRRORED:
-        _MIRRORED.append(tf.distribute.MirroredStrategy(DEVICES.split(",")))
-    return _MIRRORED[0]
+    # make_strategy hands out one Mirrored strategy per process and device set.
+    return distribute.make_strategy(_config_for(name))
 
 
 def _config_for(name, **overrides):
@@ -209,6 +205,33 @@ def short_run(name, **overrides):
     }
 
 
+def mnist_experiment_mirrored_bfloat16() -> dict:
+    """The MNIST noisy-label experiment (what `make run` runs), tiny, with
+    config.meta.distribute='mirrored' over both CPUs and mixed_bfloat16."""
+    spec = importlib.util.spec_from_file_location("c", ROOT / "configs" / "mnist_noisy_labels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = ml_collections.ConfigDict(module.get_config().to_dict())
+    c.seeds, c.export = (0,), False
+    c.data.num_pt, c.data.num_ft_test = 200, 100
+    c.data.pt_batch_size, c.data.meta_pt_batch_size = 20, 40
+    c.model.architecture, c.model.hidden_units = "mlp", (16,)
+    c.meta.warmup_steps, c.meta.num_meta_steps, c.meta.pt_steps_per_meta_step = 2, 3, 2
+    c.meta.log_every = c.meta.checkpoint_every = 3
+    c.finetune.epochs = 1
+    c.meta.distribute, c.meta.devices = "mirrored", DEVICES
+    c.meta.mixed_precision = "mixed_bfloat16"
+    workdir = tempfile.mkdtemp()
+    results = mnist_experiments.run(c, workdir, log=None)
+    phi = np.load(os.path.join(workdir, "seed_0", "meta_pt", "phi.npy"))
+    return {
+        "meta_steps": results["per_seed"][0]["meta_pt"]["meta_steps"],
+        "accuracy": results["meta_pt_ft_test_accuracy_mean"],
+        "phi_finite": bool(np.all(np.isfinite(phi))),
+        "phi_moved": float(np.abs(phi).max()),
+    }
+
+
 def _error(fn):
     try:
         fn()
@@ -258,6 +281,7 @@ def mirrored_checks() -> dict:
     out["run_bfloat16"] = _timed("bf16", short_run, "mirrored", mixed_precision="mixed_bfloat16")
     out["run_float16"] = _timed("f16", short_run, "default", mixed_precision="mixed_float16")
     out["run_jit"] = _timed("jit", short_run, "default", jit_compile=True)
+    out["mnist_binary"] = _timed("mnist binary", mnist_experiment_mirrored_bfloat16)
     out["jit_mirrored_error"] = _error(lambda: short_run("mirrored", jit_compile=True))
 
     def wrong_scope():

@@ -7,6 +7,7 @@ which this pytest process has long done. Every comparison is in float64 against
 the same computation on one device.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -14,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from metapt_tf.training import distribute, online
+from metapt_tf.training import distribute, mnist_experiments, online, ppi_benchmark
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -110,6 +112,13 @@ def test_mixed_precision_keeps_the_meta_gradient_in_float32_and_close(mirrored):
         assert run["meta_steps"] == 6 and run["skipped_meta_steps"] == 0
         assert np.all(np.isfinite(run["phi"])) and np.linalg.norm(run["phi"]) > 0.1
         assert np.all(np.isfinite(run["ft_val_loss"] + run["meta_grad_norm"]))
+
+
+def test_mnist_binary_runs_mirrored_in_mixed_bfloat16(mirrored):
+    run = mirrored["mnist_binary"]
+    assert run["meta_steps"] == 3
+    assert run["phi_finite"] and run["phi_moved"] > 0
+    assert 0.0 <= run["accuracy"] <= 1.0
 
 
 def test_xla_compiled_meta_step(mirrored):
@@ -211,3 +220,25 @@ def test_config_fields_and_strategy_mismatches_are_named(monkeypatch):
         distribute.check_strategy(tf.distribute.get_strategy(), c.distribute)
     with pytest.raises(ValueError, match="runs under the strategies .* Received a OneDevice"):
         distribute.check_strategy(tf.distribute.OneDeviceStrategy("/cpu:0"), "default")
+
+
+def _experiment_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ml_collections.ConfigDict(module.get_config().to_dict())
+
+
+def test_binaries_name_the_strategies_they_cannot_run():
+    c = _experiment_config("mnist_noisy_labels")
+    c.meta.distribute = "multi_worker_mirrored"
+    with pytest.raises(ValueError, match=r"config.meta.distribute must be 'default' or 'mirrored'"):
+        mnist_experiments.validate_config(c)
+    c = _experiment_config("mnist_noisy_labels")
+    c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1,/cpu:2"
+    with pytest.raises(ValueError, match=r"data.pt_batch_size must be a multiple of the 3 config"):
+        mnist_experiments.validate_config(c)
+    c = _experiment_config("ppi_multitask")
+    c.meta.distribute = "mirrored"
+    with pytest.raises(ValueError, match="config.meta.distribute must be its default: the bench"):
+        ppi_benchmark.validate_config(c)
