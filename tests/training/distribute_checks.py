@@ -61,11 +61,13 @@ def _dataset(arrays, seed):
     return ds.repeat().batch(BATCH, drop_remainder=True).with_options(options)
 
 
-def build(dtype="float64", seed=0, pt_batch_sizes=None):
+def build(dtype="float64", seed=0, pt_batch_sizes=None, noise=False):
     """The test_online problem (per-example weights against noisy labels), in `dtype`
     (the variables' dtype; the Keras policy in force sets the compute dtype).
 
-    `pt_batch_sizes` collects the static batch size each traced PT loss sees."""
+    `pt_batch_sizes` collects the static batch size each traced PT loss sees. With
+    `noise`, `pt_batch_fn` adds input noise drawn from a generator that is saved
+    in the checkpoint (`checkpoint_extras`)."""
     tf.keras.utils.set_random_seed(seed)
     images, labels, noisy = _data(seed)
     var_dtype = "float32" if dtype == "mixed" else dtype
@@ -88,12 +90,20 @@ def build(dtype="float64", seed=0, pt_batch_sizes=None):
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(batch["label"], logits)
         return tf.reduce_mean(weights.weights(batch["index"]) * ce)
 
+    generator = tf.random.Generator.from_seed(seed + 100)
+
+    def pt_batch_fn(batch):
+        draw = generator.normal(batch["image"].shape, dtype=var_dtype)
+        return {**batch, "image": batch["image"] + 0.3 * draw}
+
     problem = interfaces.MetaPretrainProblem(
         backbone=backbone,
         pt_params=backbone.trainable_variables + pt_head.trainable_variables,
         meta_params=weights.variables_list,
         pt_loss_fn=pt_loss_fn,
         num_ft_classes=CLASSES,
+        pt_batch_fn=pt_batch_fn if noise else None,
+        checkpoint_extras={"noise_generator": generator} if noise else None,
     )
     x = images.astype(var_dtype)
     pt = {"image": x[:N_PT], "label": noisy[:N_PT], "index": np.arange(N_PT)}
@@ -183,11 +193,11 @@ def one_meta_gradient(name, hvp_mode, solver, precision="none", dtype="float64")
     }
 
 
-def short_run(name, **overrides):
+def short_run(name, noise=False, **overrides):
     strategy = _strategy(name)
     precision = overrides.get("mixed_precision", "none")
     with distribute.scope(strategy, precision):
-        problem, weights, data = build("mixed" if precision != "none" else "float64")
+        problem, weights, data = build("mixed" if precision != "none" else "float64", noise=noise)
     c = _config_for(name, **overrides)
     result = online.run(
         problem, **data, config=c, workdir=tempfile.mkdtemp(), log=None, strategy=strategy
@@ -277,10 +287,13 @@ def mirrored_checks() -> dict:
         )
         for precision in distribute.PRECISIONS
     }
-    out["run"] = {name: _timed("run " + name, short_run, name) for name in ("default", "mirrored")}
+    # With pt_batch_fn drawing input noise from a checkpointed generator.
+    out["run"] = {
+        name: _timed("run " + name, short_run, name, noise=True) for name in ("default", "mirrored")
+    }
     out["run_bfloat16"] = _timed("bf16", short_run, "mirrored", mixed_precision="mixed_bfloat16")
     out["run_float16"] = _timed("f16", short_run, "default", mixed_precision="mixed_float16")
-    out["run_jit"] = _timed("jit", short_run, "default", jit_compile=True)
+    out["run_jit"] = _timed("jit", short_run, "default", noise=True, jit_compile=True)
     out["mnist_binary"] = _timed("mnist binary", mnist_experiment_mirrored_bfloat16)
     out["jit_mirrored_error"] = _error(lambda: short_run("mirrored", jit_compile=True))
 
@@ -309,7 +322,7 @@ def worker(out_path: str) -> None:
     tf.config.experimental.enable_op_determinism()
     stop = os.environ.get("METAPT_STOP_AFTER")
     with distribute.scope(strategy):
-        problem, weights, data = build()
+        problem, weights, data = build(noise=True)
     result = online.run(
         problem,
         **data,
@@ -327,7 +340,7 @@ def worker(out_path: str) -> None:
         "chief": distribute.is_chief(strategy),
     }
     if report["chief"] and not stop:  # the oracle: the whole run on one device
-        problem, weights, data = build()
+        problem, weights, data = build(noise=True)
         online.run(problem, **data, config=config(), workdir=tempfile.mkdtemp(), log=None)
         report["single_device_phi"] = weights.phi.numpy().tolist()
     with open(out_path, "w") as f:

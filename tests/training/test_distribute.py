@@ -88,6 +88,8 @@ def test_meta_gradient_under_mirrored_equals_single_device(mirrored, case):
 
 
 def test_meta_pt_run_under_mirrored_matches_single_device(mirrored):
+    # The problem's pt_batch_fn draws input noise from a generator in checkpoint_extras:
+    # applied once to the global batch, so both runs see the same draws.
     single, dist = mirrored["run"]["default"], mirrored["run"]["mirrored"]
     assert dist["meta_steps"] == single["meta_steps"] == 6
     assert dist["skipped_meta_steps"] == 0
@@ -186,7 +188,7 @@ def test_two_workers_on_loopback_resume_and_end_with_the_same_phi(tmp_path):
     assert chief["chief"] and not other["chief"]
     assert chief["num_replicas"] == other["num_replicas"] == 2
     # Both resumed from the chief's checkpoint (the other worker's own went to a
-    # temporary directory) and ran to the end.
+    # temporary directory), noise generator of pt_batch_fn included, and ran to the end.
     assert chief["resumed_from"] == other["resumed_from"] == 3
     assert chief["meta_steps"] == other["meta_steps"] == 6
     np.testing.assert_array_equal(chief["phi"], other["phi"])
