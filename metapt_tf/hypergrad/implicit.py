@@ -16,6 +16,12 @@ p comes from an inverse-HVP solver; the mixed term is one extra pass:
 * reverse_over_reverse: the first-order gradient g = dL_PT/dtheta is recorded
   once on a persistent tape; every HVP of the solve and the mixed term
   `d<g, p>/dphi` are backward passes over that one recording.
+
+`reduce_fn` serves a PT loss computed in parts that sum to the whole (the
+replicas of a data-parallel step, each holding its shard's share of the global
+mean): HVPs and the mixed term are linear in the loss, so summing each across
+the parts gives the whole loss's. It is applied to every HVP the solver asks for
+and to the mixed term, so the solver sees the whole Hessian.
 """
 
 from collections.abc import Callable, Sequence
@@ -28,6 +34,8 @@ from metapt_tf.hypergrad import hessian as hvp_lib
 from metapt_tf.hypergrad import solvers as solvers_lib
 
 _ZERO = tf.UnconnectedGradients.ZERO
+
+ReduceFn = Callable[[list], Sequence]
 
 
 class ImplicitResult(NamedTuple):
@@ -117,6 +125,7 @@ def implicit_hypergradient_with_info(
     *,
     solver: solvers_lib.InverseHvpSolver,
     hvp_mode: str = hvp_lib.DEFAULT_HVP_MODE,
+    reduce_fn: ReduceFn | None = None,
 ) -> ImplicitResult:
     """`implicit_hypergradient`, also returning the solver's `SolveResult`."""
     pt_params = _vectors.check_params(pt_params, "pt_params")
@@ -137,15 +146,40 @@ def implicit_hypergradient_with_info(
     if overlap:
         raise ValueError("pt_params and meta_params must be disjoint lists of variables.")
 
+    if reduce_fn is not None and not callable(reduce_fn):
+        raise TypeError(f"reduce_fn must be callable or None. Received: {reduce_fn!r}.")
+
     if hvp_mode == hvp_lib.REVERSE_OVER_REVERSE:
         recorded = _RecordedGradient(pt_loss_fn, pt_params, meta_params)
-        solve = solver.solve(recorded.hvp, v)
-        mixed = recorded.mixed(solve.solution)
+        hvp_fn, mixed_fn = recorded.hvp, recorded.mixed
     else:
-        solve = solver.solve(hvp_lib.make_hvp_fn(pt_loss_fn, pt_params, hvp_mode), v)
-        mixed = mixed_vjp_forward(pt_loss_fn, pt_params, meta_params, solve.solution)
-    mixed = _check_connected(mixed, meta_params)
+        hvp_fn = hvp_lib.make_hvp_fn(pt_loss_fn, pt_params, hvp_mode)
+
+        def mixed_fn(p):
+            return mixed_vjp_forward(pt_loss_fn, pt_params, meta_params, p)
+
+    if reduce_fn is not None:
+        local_hvp_fn = hvp_fn
+
+        def hvp_fn(u):
+            return _reduced(reduce_fn, local_hvp_fn(u), "HVP")
+
+    solve = solver.solve(hvp_fn, v)
+    # Connectivity is structural (the same in every part), so it is checked first.
+    mixed = _check_connected(mixed_fn(solve.solution), meta_params)
+    if reduce_fn is not None:
+        mixed = _reduced(reduce_fn, mixed, "mixed term")
     return ImplicitResult(meta_grads=[-m for m in mixed], solve=solve)
+
+
+def _reduced(reduce_fn: ReduceFn, values: list, what: str) -> list:
+    out = list(reduce_fn(list(values)))
+    if len(out) != len(values):
+        raise ValueError(
+            f"reduce_fn must return one tensor per input; for the {what} it received "
+            f"{len(values)} and returned {len(out)}."
+        )
+    return out
 
 
 def implicit_hypergradient(
@@ -156,6 +190,7 @@ def implicit_hypergradient(
     *,
     solver: solvers_lib.InverseHvpSolver,
     hvp_mode: str = hvp_lib.DEFAULT_HVP_MODE,
+    reduce_fn: ReduceFn | None = None,
 ) -> list:
     """-(d2L_PT/dphi dtheta) H^{-1} v, the PT part of the meta-gradient.
 
@@ -168,6 +203,9 @@ def implicit_hypergradient(
         `None` entries are structural zeros (parameters the FT loss never reads).
       solver: an `InverseHvpSolver` for p ~ H^{-1} v.
       hvp_mode: "forward_over_reverse" or "reverse_over_reverse".
+      reduce_fn: optional `list -> list` (one tensor per entry, same shapes)
+        applied to every HVP and to the mixed term, e.g. a cross-replica sum when
+        `pt_loss_fn` is one replica's share of the loss (see the module docstring).
 
     Returns:
       List of tensors shaped like `meta_params`.
@@ -177,5 +215,5 @@ def implicit_hypergradient(
         `pt_loss_fn`'s gradient does not depend on some meta-parameter.
     """
     return implicit_hypergradient_with_info(
-        pt_loss_fn, pt_params, meta_params, v, solver=solver, hvp_mode=hvp_mode
+        pt_loss_fn, pt_params, meta_params, v, solver=solver, hvp_mode=hvp_mode, reduce_fn=reduce_fn
     ).meta_grads

@@ -62,6 +62,7 @@ def meta_gradient(
     solver: solvers_lib.InverseHvpSolver,
     ft_state: Any = None,
     hvp_mode: str = hvp_lib.DEFAULT_HVP_MODE,
+    reduce_fn: implicit_lib.ReduceFn | None = None,
 ) -> MetaGradientResult:
     """One meta-gradient: K FT steps from `ft_params`, v, then the implicit PT part.
 
@@ -78,6 +79,10 @@ def meta_gradient(
       solver: `Neumann`, `ConjugateGradient` or `Identity`.
       ft_state: the update rule's state to continue from, or None for a fresh one.
       hvp_mode: "forward_over_reverse" or "reverse_over_reverse".
+      reduce_fn: optional, applied to every HVP and to the mixed term (see
+        `implicit_hypergradient`): a cross-replica sum when `pt_loss_fn` is one
+        replica's share of the PT loss. The FT unroll is not reduced: v is that of
+        the FT losses as given.
     """
     pt_params = _vectors.check_params(pt_params, "pt_params")
     meta_params = _vectors.check_params(meta_params, "meta_params")
@@ -92,7 +97,13 @@ def meta_gradient(
         ft_state=ft_state,
     )
     implicit = implicit_lib.implicit_hypergradient_with_info(
-        pt_loss_fn, pt_params, meta_params, unrolled.v, solver=solver, hvp_mode=hvp_mode
+        pt_loss_fn,
+        pt_params,
+        meta_params,
+        unrolled.v,
+        solver=solver,
+        hvp_mode=hvp_mode,
+        reduce_fn=reduce_fn,
     )
     return MetaGradientResult(
         meta_grads=implicit.meta_grads,
@@ -124,6 +135,9 @@ class MetaGradient:
 
     `trace_count` counts how often the step was traced (a retrace on every call
     would mean batches with changing shapes or Python values among the inputs).
+
+    `reduce_fn` is passed to `meta_gradient` (a cross-replica sum of HVPs and the
+    mixed term when `pt_loss_fn` returns one replica's share of the PT loss).
     """
 
     def __init__(
@@ -140,6 +154,7 @@ class MetaGradient:
         hvp_mode: str = hvp_lib.DEFAULT_HVP_MODE,
         compile: bool = True,
         jit_compile: bool = False,
+        reduce_fn: implicit_lib.ReduceFn | None = None,
     ):
         self.pt_params = _vectors.check_params(pt_params, "pt_params")
         self.meta_params = _vectors.check_params(meta_params, "meta_params")
@@ -161,6 +176,7 @@ class MetaGradient:
         self.ft_update_rule = ft_update_rule
         self.num_ft_steps = num_ft_steps
         self.solver = solver
+        self.reduce_fn = reduce_fn
         self.trace_count = 0
         self.jit_compile = bool(jit_compile and compile)
         if compile:
@@ -184,6 +200,7 @@ class MetaGradient:
             solver=self.solver,
             ft_state=ft_state,
             hvp_mode=self.hvp_mode,
+            reduce_fn=self.reduce_fn,
         )
 
     def _inputs(self, ft_params: Sequence, ft_state: Any) -> tuple[list, Any]:

@@ -242,19 +242,36 @@ class ConjugateGradient(InverseHvpSolver):
     `tf.while_loop`, so the stopping test works inside `tf.function` and XLA.
     Exact for symmetric positive-definite H + damping I; meeting non-positive
     curvature sets `diverged` (the iterate is then not reliable).
+
+    `unroll=True` runs the iterations as a Python loop instead: always
+    `max_iters` HVPs, with every update after the stopping test masked out, so
+    the iterates, residual and `num_hvps` are those of the while loop. For HVP
+    closures that cannot run inside a `tf.while_loop` (e.g. ones that all-reduce
+    across the replicas of a MirroredStrategy, whose `merge_call` TensorFlow
+    forbids in loop bodies).
     """
 
-    def __init__(self, max_iters: int = 20, tol: float = 1e-6, damping: float = 0.0):
+    def __init__(
+        self, max_iters: int = 20, tol: float = 1e-6, damping: float = 0.0, *, unroll: bool = False
+    ):
         if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
             raise ValueError(f"max_iters must be an int >= 1. Received: max_iters={max_iters!r}.")
         _check_positive("tol", tol, allow_zero=True)
         _check_positive("damping", damping, allow_zero=True)
+        if not isinstance(unroll, bool):
+            raise TypeError(f"unroll must be a bool. Received: unroll={unroll!r}.")
         self.max_iters = max_iters
         self.tol = tol
         self.damping = damping
+        self.unroll = unroll
 
     def get_config(self) -> dict:
-        return {"max_iters": self.max_iters, "tol": self.tol, "damping": self.damping}
+        return {
+            "max_iters": self.max_iters,
+            "tol": self.tol,
+            "damping": self.damping,
+            "unroll": self.unroll,
+        }
 
     def _matvec(self, hvp_fn: HvpFn, u: Sequence, dtype: tf.DType) -> list:
         hu = hvp_fn(u)
@@ -299,7 +316,17 @@ class ConjugateGradient(InverseHvpSolver):
             return i + 1, x, r, p, rr_new, tf.logical_or(bad, pap <= 0)
 
         i0 = tf.constant(1, tf.int32)
-        if self.max_iters > 1:
+        if self.max_iters > 1 and self.unroll:
+            loop_vars = (i0, x, r, p, rr_new, bad)
+            for _ in range(self.max_iters - 1):
+                active = cond(*loop_vars)
+                loop_vars = tf.nest.map_structure(
+                    lambda new, old, active=active: tf.where(active, new, old),
+                    body(*loop_vars),
+                    loop_vars,
+                )
+            i, x, r, p, rr, bad = loop_vars
+        elif self.max_iters > 1:
             i, x, r, p, rr, bad = tf.while_loop(
                 cond, body, (i0, x, r, p, rr_new, bad), maximum_iterations=self.max_iters - 1
             )

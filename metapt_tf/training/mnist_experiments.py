@@ -33,7 +33,7 @@ from export import export_for_serving
 from metapt_tf.data import mnist
 from metapt_tf.meta_params import CategoricalDistribution, ExampleWeights
 from metapt_tf.models import digit_backbone
-from metapt_tf.training import finetune, interfaces, online, reporting
+from metapt_tf.training import distribute, finetune, interfaces, online, reporting
 from metapt_tf.training.config_checks import config_error
 
 EXPERIMENTS = ("mnist_noisy_labels", "mnist_augment")
@@ -104,6 +104,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise config_error(f"finetune.{field}", v, "an int >= 1")
     online.validate_config(config.meta)
+    if config.meta.distribute == "multi_worker_mirrored":
+        # online.run itself runs on every worker; this binary's fine-tuning,
+        # evaluation, figures and export are single-process.
+        raise config_error(
+            "meta.distribute", config.meta.distribute, "'default' or 'mirrored' here"
+        )
+    for field in ("pt_batch_size", "meta_pt_batch_size"):
+        replicas = len([x for x in config.meta.devices.split(",") if x.strip()])
+        if config.meta.distribute == "mirrored" and replicas and d[field] % replicas:
+            raise config_error(
+                f"data.{field}", d[field], f"a multiple of the {replicas} config.meta.devices"
+            )
 
 
 class _Split:
@@ -163,7 +175,8 @@ def _build_problem(config, split: _Split, seed: int):
         weights = ExampleWeights(config.data.num_pt, weighting=config.meta_params.weighting)
 
         def pt_loss_fn(batch):
-            logits = pt_head(backbone(batch["image"], training=True))
+            # float32 logits: the loss stays float32 under a mixed-precision policy.
+            logits = tf.cast(pt_head(backbone(batch["image"], training=True)), tf.float32)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 tf.cast(batch["label"], tf.int32), logits
             )
@@ -192,7 +205,7 @@ def _build_problem(config, split: _Split, seed: int):
             # Every image under every bin's rotation: the exact expectation over bins.
             tiled = tf.tile(images, [num_bins, 1, 1, 1])
             rotated = mnist.rotate_images(tiled, tf.repeat(angles, b))
-            logits = pt_head(backbone(rotated, training=True))
+            logits = tf.cast(pt_head(backbone(rotated, training=True)), tf.float32)
             labels = tf.tile(tf.cast(batch["label"], tf.int32), [num_bins])
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
             per_bin = tf.reduce_mean(tf.reshape(ce, [num_bins, b]), axis=1)
@@ -243,6 +256,7 @@ def run(
     validate_config(config)
     say = log or (lambda _: None)
     start = time.perf_counter()
+    strategy = distribute.make_strategy(config.meta)  # before any other op runs
     tf.config.experimental.enable_op_determinism()
     os.makedirs(workdir, exist_ok=True)
     digits = mnist.load_digits(config.data.source)
@@ -269,7 +283,8 @@ def run(
             meta_config = ml_collections.ConfigDict(config.meta.to_dict())
             meta_config.seed = seed
             meta_config.meta_enabled = method == "meta_pt"
-            problem, meta = _build_problem(config, split, seed)
+            with distribute.scope(strategy, config.meta.mixed_precision):
+                problem, meta = _build_problem(config, split, seed)
             say(f"[seed {seed}] {method}: {run_dir}")
             result = online.run(
                 problem,
@@ -277,6 +292,7 @@ def run(
                 config=meta_config,
                 workdir=run_dir,
                 log=say,
+                strategy=strategy,
             )
             f = config.finetune
             tuned = finetune.finetune_and_evaluate(

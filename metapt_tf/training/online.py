@@ -45,6 +45,14 @@ Faults, and what the loop does about each:
 
 TensorBoard scalars, histograms and images go to `workdir`, and a progress line
 with rate and ETA to `log` at every logging step.
+
+The loop runs under the `tf.distribute` strategy `config.meta.distribute` names
+(one device by default, `MirroredStrategy`, `MultiWorkerMirroredStrategy`),
+optionally in mixed precision (`config.meta.mixed_precision`); `distribute`
+says how each step is split over the replicas. The compiled steps read batches
+and update the loop's variables in cross-replica context and leave the
+arithmetic to per-replica functions (`_replica_*`), which are what
+`config.meta.jit_compile` compiles with XLA.
 """
 
 import dataclasses
@@ -61,7 +69,7 @@ import tensorflow as tf
 from absl import logging
 
 from metapt_tf import hypergrad
-from metapt_tf.training import interfaces, reporting
+from metapt_tf.training import distribute, interfaces, reporting
 
 FT_OPTIMIZERS = ("adam", "sgd", "momentum")
 HEAD_MODES = ("persistent", "reinit", "pt_head")
@@ -111,7 +119,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every = 10  # meta-steps (warm-up logs every log_every * P PT steps)
     c.checkpoint_every = 25  # meta-steps
     c.max_checkpoints = 2
-    c.jit_compile = False
+    c.jit_compile = False  # XLA-compile the per-replica meta-step (GPU replicas if R > 1)
+    c.distribute = "default"  # one of distribute.STRATEGIES
+    c.devices = ""  # "mirrored": comma-separated devices, e.g. "/gpu:0,/gpu:1"; "": all GPUs
+    c.mixed_precision = "none"  # or "mixed_bfloat16", "mixed_float16" (distribute.PRECISIONS)
     return c
 
 
@@ -171,16 +182,27 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     choice("head", HEAD_MODES)
     choice("solver", SOLVERS)
     choice("hvp_mode", hypergrad.HVP_MODES)
+    choice("distribute", distribute.STRATEGIES)
+    choice("mixed_precision", distribute.PRECISIONS)
+    if not isinstance(c.devices, str):
+        raise _fail("devices", c.devices, 'a string of comma-separated devices (or "")')
+    if c.devices.strip() and c.distribute != "mirrored":
+        raise _fail("devices", c.devices, "\"\" unless config.meta.distribute is 'mirrored'")
     for field in ("meta_enabled", "head_steps_during_pt", "jit_compile"):
         if not isinstance(c[field], bool):
             raise _fail(field, c[field], "a bool")
 
 
-def make_solver(c: ml_collections.ConfigDict) -> hypergrad.InverseHvpSolver:
+def make_solver(
+    c: ml_collections.ConfigDict, unroll_cg: bool = False
+) -> hypergrad.InverseHvpSolver:
+    """The config's solver; `unroll_cg` runs CG as a Python loop (see `distribute`)."""
     if c.solver == "neumann":
         return hypergrad.Neumann(num_terms=c.neumann_terms, alpha=c.neumann_alpha)
     if c.solver == "cg":
-        return hypergrad.ConjugateGradient(max_iters=c.cg_max_iters, damping=c.cg_damping)
+        return hypergrad.ConjugateGradient(
+            max_iters=c.cg_max_iters, damping=c.cg_damping, unroll=unroll_cg
+        )
     alpha = 1.0 if c.neumann_alpha == "auto" else c.neumann_alpha
     return hypergrad.Identity(alpha=alpha)
 
@@ -264,7 +286,13 @@ _PT_OK, _PT_BAD_BATCH, _PT_BAD_LOSS, _PT_BAD_GRADIENT = 0, 1, 2, 3
 
 
 class _Loop:
-    """The loop's state and compiled steps; `run` drives it."""
+    """The loop's state and compiled steps; `run` drives it.
+
+    Each compiled step (`_pt_steps`, `_meta_step`, `_apply_meta`) reads batches and
+    updates the loop's variables in cross-replica context, and hands the arithmetic
+    to a per-replica function through `strategy.run`; with one replica (the
+    default strategy) that is a plain call.
+    """
 
     def __init__(
         self,
@@ -274,28 +302,32 @@ class _Loop:
         ft_val_data: tf.data.Dataset,
         c: ml_collections.ConfigDict,
         meta_pt_data: tf.data.Dataset | None = None,
+        strategy: tf.distribute.Strategy | None = None,
     ):
         self.problem = problem
         self.c = c
+        self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
+        distribute.check_strategy(self.strategy, c.distribute)
+        distribute.check_variables(
+            self.strategy, list(problem.pt_params) + list(problem.meta_params), "The problem's"
+        )
+        self.replicas = distribute.Replicas(self.strategy)
         self.dtype = problem.pt_params[0].dtype
+        distribute.check_precision(problem.backbone, self.dtype, c.mixed_precision)
+        if c.jit_compile:
+            distribute.check_jit(self.strategy)
+        self.loss_scaled = c.mixed_precision == "mixed_float16"
         self.pt_params = list(problem.pt_params)
         self.meta_params = list(problem.meta_params)
-        self.generator = tf.random.Generator.from_seed(c.seed)
         self.pt_iter = iter(pt_data)
         self.ft_train_iter = iter(ft_train_data)
         self.ft_val_iter = iter(ft_val_data)
         # The meta-step's PT batch: from its own pipeline (e.g. larger batches, so
         # that more per-example weights get a meta-gradient each step) or the PT one.
         self.meta_pt_iter = iter(meta_pt_data) if meta_pt_data is not None else self.pt_iter
-        self.pt_optimizer = _keras_optimizer(c.pt_optimizer, c.pt_learning_rate)
-        self.meta_optimizer = _keras_optimizer(
-            "sgd" if c.meta_optimizer == "normalized_sgd" else c.meta_optimizer,
-            _meta_learning_rate(c),
-        )
-        self.pt_optimizer.build(self.pt_params)
-        self.meta_optimizer.build(self.meta_params)
         self.ft_rule = make_ft_update_rule(c)
-        self.solver = make_solver(c)
+        # Under Mirrored strategies all-reduces cannot run inside a tf.while_loop.
+        self.solver = make_solver(c, unroll_cg=distribute.strategy_kind(self.strategy) != "default")
 
         feature_dim = int(problem.backbone.output_shape[-1])
         if c.head == "pt_head":
@@ -306,13 +338,28 @@ class _Loop:
                     "config.meta.head='pt_head' needs problem.pt_head_params = [kernel, bias] "
                     f"of shapes {expected} (features -> FT classes). Received shapes {got}."
                 )
-        head = interfaces.init_head(feature_dim, problem.num_ft_classes, self.generator, self.dtype)
-        self.head = [tf.Variable(h, name=f"ft_head_{i}") for i, h in enumerate(head)]
-        state = self.ft_rule.init([h.read_value() for h in self.head])
-        self.head_state = tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), state)
-        self.pt_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="pt_step")
-        self.meta_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
-        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+        with self.strategy.scope():
+            self.generator = tf.random.Generator.from_seed(c.seed)
+            self.pt_optimizer = _keras_optimizer(c.pt_optimizer, c.pt_learning_rate)
+            if self.loss_scaled:
+                self.pt_optimizer = tf.keras.mixed_precision.LossScaleOptimizer(self.pt_optimizer)
+            self.meta_optimizer = _keras_optimizer(
+                "sgd" if c.meta_optimizer == "normalized_sgd" else c.meta_optimizer,
+                _meta_learning_rate(c),
+            )
+            self.pt_optimizer.build(self.pt_params)
+            self.meta_optimizer.build(self.meta_params)
+            head = interfaces.init_head(
+                feature_dim, problem.num_ft_classes, self.generator, self.dtype
+            )
+            self.head = [tf.Variable(h, name=f"ft_head_{i}") for i, h in enumerate(head)]
+            state = self.ft_rule.init([h.read_value() for h in self.head])
+            self.head_state = tf.nest.map_structure(
+                lambda t: tf.Variable(t, trainable=False), state
+            )
+            self.pt_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="pt_step")
+            self.meta_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
 
         self.checkpoint = tf.train.Checkpoint(
             pt_params=self.pt_params,
@@ -333,8 +380,9 @@ class _Loop:
             extras=dict(problem.checkpoint_extras or {}),
             **({} if meta_pt_data is None else {"meta_pt_iterator": self.meta_pt_iter}),
         )
+        distributed = self.replicas.num_replicas > 1
         self.meta_gradient = hypergrad.MetaGradient(
-            pt_loss_fn=problem.pt_loss_fn,  # the batch went through _pt_batch first
+            pt_loss_fn=self._meta_pt_loss,  # the batch went through _pt_batch first
             ft_train_loss_fn=self._ft_train_loss,
             ft_val_loss_fn=self._ft_loss,
             pt_params=self.pt_params,
@@ -344,15 +392,45 @@ class _Loop:
             solver=self.solver,
             hvp_mode=c.hvp_mode,
             compile=False,  # compiled as part of _meta_step below
+            reduce_fn=self._reduce if distributed or self.loss_scaled else None,
         )
         self._pt_steps_fn = tf.function(self._pt_steps)
-        self._meta_step_fn = tf.function(self._meta_step, jit_compile=c.jit_compile)
+        self._meta_step_fn = tf.function(self._meta_step)
         self._apply_meta_fn = tf.function(self._apply_meta)
+        # XLA compiles the per-replica arithmetic only: the iterators stay outside.
+        self._replica_meta_step_fn = (
+            tf.function(self._replica_meta_step, jit_compile=True)
+            if c.jit_compile
+            else self._replica_meta_step
+        )
 
-    # FT losses: the head on backbone features in inference mode.
+    # Losses. A replica's PT loss is its shard's share of the global mean loss.
+    def _pt_loss(self, batch):
+        loss = tf.cast(self.problem.pt_loss_fn(batch), self.dtype)
+        if self.replicas.num_replicas > 1:
+            loss = loss / tf.cast(self.replicas.num_replicas, self.dtype)
+        return loss
+
+    def _loss_scale(self):
+        return tf.cast(self.pt_optimizer.loss_scale, self.dtype)
+
+    def _meta_pt_loss(self, batch):
+        loss = self._pt_loss(batch)
+        return loss * self._loss_scale() if self.loss_scaled else loss
+
+    def _reduce(self, values):
+        """HVPs and the mixed term: summed over replicas, and unscaled (mixed_float16)."""
+        values = self.replicas.all_reduce_sum(values)
+        if self.loss_scaled:
+            scale = self._loss_scale()
+            values = [x / scale for x in values]
+        return values
+
+    # FT losses: the head on backbone features in inference mode. Under mixed
+    # precision the backbone computes in 16 bits and the head in the variables' dtype.
     def _ft_loss(self, head, batch):
         features = self.problem.backbone(batch[self.problem.ft_input_key], training=False)
-        logits = interfaces.head_logits(features, head)
+        logits = interfaces.head_logits(tf.cast(features, head[0].dtype), head)
         return interfaces.head_loss(
             logits, batch[self.problem.ft_label_key], self.problem.ft_multilabel
         )
@@ -360,46 +438,73 @@ class _Loop:
     def _ft_train_loss(self, head, batches, step):
         return self._ft_loss(head, batches[step])
 
-    def _head_plain_step(self):
-        """One ordinary (non-differentiated) FT-head step on detached features."""
-        batch = next(self.ft_train_iter)
-        head = [h.read_value() for h in self.head]
-        with tf.GradientTape() as tape:
-            tape.watch(head)
-            features = tf.stop_gradient(
-                self.problem.backbone(batch[self.problem.ft_input_key], training=False)
-            )
-            loss = interfaces.head_loss(
-                interfaces.head_logits(features, head),
-                batch[self.problem.ft_label_key],
-                self.problem.ft_multilabel,
-            )
-        state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
-        new_head, new_state = self.ft_rule.apply(head, tape.gradient(loss, head), state)
-        # A NaN/Inf in the FT batch would poison the persistent head for good: skip it.
-        finite = tf.logical_and(_finite(batch), _finite([new_head, new_state]))
-        for var, value in zip(self.head, new_head, strict=True):
-            var.assign(tf.where(finite, value, var))
-        tf.nest.map_structure(
-            lambda v, t: v.assign(tf.where(finite, t, v)), self.head_state, new_state
-        )
-        return finite
-
     def _pt_batch(self, iterator):
         batch = next(iterator)
         if self.problem.pt_batch_fn is not None:
             batch = self.problem.pt_batch_fn(batch)
         return batch
 
+    # Per-replica functions: arithmetic only, no iterators and no loop variables written.
+    def _replica_pt_step(self, batch):
+        with tf.GradientTape() as tape:
+            loss = self._pt_loss(self.replicas.shard(batch))
+            scaled = self.pt_optimizer.get_scaled_loss(loss) if self.loss_scaled else loss
+        grads = tape.gradient(scaled, self.pt_params)
+        if self.loss_scaled:
+            grads = self.pt_optimizer.get_unscaled_gradients(grads)
+        # The optimizer sums the gradients over replicas before applying them.
+        self.pt_optimizer.apply_gradients(zip(grads, self.pt_params, strict=True))
+        # 1 where this replica's gradient has a NaN/Inf (summed over replicas by the caller).
+        return loss, tf.cast(tf.logical_not(_finite(grads)), tf.int32)
+
+    def _replica_head_step(self, batch, head, state):
+        """One ordinary (non-differentiated) FT-head step on detached features."""
+        with tf.GradientTape() as tape:
+            tape.watch(head)
+            features = self.problem.backbone(batch[self.problem.ft_input_key], training=False)
+            features = tf.stop_gradient(tf.cast(features, head[0].dtype))
+            loss = interfaces.head_loss(
+                interfaces.head_logits(features, head),
+                batch[self.problem.ft_label_key],
+                self.problem.ft_multilabel,
+            )
+        return self.ft_rule.apply(head, tape.gradient(loss, head), state)
+
+    def _replica_meta_step(self, pt_batch, ft_batches, val_batch, head, state):
+        if head is None:
+            # The PT head variables themselves: read inside the unroll's tape, so v
+            # reaches them. Nothing is copied back; PT keeps training its head.
+            head = list(self.problem.pt_head_params)
+            state = self.ft_rule.init([h.read_value() for h in head])
+        result = self.meta_gradient(
+            self.replicas.shard(pt_batch), ft_batches, val_batch, head, state
+        )
+        out = {
+            "grads": result.meta_grads,
+            "ft_val_loss": result.ft_val_loss,
+            "ft_train_loss": result.ft_train_losses[0],
+            "solver_residual": result.solver_residual,
+            "solver_diverged": result.solver_diverged,
+        }
+        if self.c.head == "persistent":
+            out["ft_params"], out["ft_state"] = result.ft_params, result.ft_state
+        return out
+
+    def _replica_apply_meta(self, grads):
+        # The meta-gradient is already the same on every replica: no second all-reduce.
+        self.meta_optimizer.apply_gradients(
+            zip(grads, self.meta_params, strict=True), skip_gradients_aggregation=True
+        )
+
+    # Compiled steps (cross-replica context).
     def _pt_steps(self, num_steps, head_steps):
         losses = tf.TensorArray(self.dtype, size=num_steps)
         codes = tf.TensorArray(tf.int32, size=num_steps)
         head_skipped = tf.constant(0, tf.int64)
         for i in tf.range(num_steps):
             batch = self._pt_batch(self.pt_iter)
-            with tf.GradientTape() as tape:
-                loss = self.problem.pt_loss_fn(batch)
-            grads = tape.gradient(loss, self.pt_params)
+            loss, bad_grads = self.strategy.run(self._replica_pt_step, args=(batch,))
+            loss, bad_grads = self.replicas.sum(loss), self.replicas.sum(bad_grads)
             # The host stops the run after this chunk if a code is not _PT_OK.
             code = tf.where(
                 tf.logical_not(_finite(batch)),
@@ -407,12 +512,24 @@ class _Loop:
                 tf.where(
                     tf.logical_not(tf.math.is_finite(loss)),
                     _PT_BAD_LOSS,
-                    tf.where(_finite(grads), _PT_OK, _PT_BAD_GRADIENT),
+                    tf.where(bad_grads == 0, _PT_OK, _PT_BAD_GRADIENT),
                 ),
             )
-            self.pt_optimizer.apply_gradients(zip(grads, self.pt_params, strict=True))
             if head_steps:
-                head_finite = self._head_plain_step()
+                ft_batch = next(self.ft_train_iter)
+                head = [h.read_value() for h in self.head]
+                state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
+                new_head, new_state = self.replicas.first(
+                    self.strategy.run(self._replica_head_step, args=(ft_batch, head, state))
+                )
+                # A NaN/Inf in the FT batch would poison the persistent head for good: skip it.
+                head_finite = tf.logical_and(_finite(ft_batch), _finite([new_head, new_state]))
+                for var, value in zip(self.head, new_head, strict=True):
+                    var.assign(tf.where(head_finite, value, var))
+                for var, value in zip(
+                    tf.nest.flatten(self.head_state), tf.nest.flatten(new_state), strict=True
+                ):
+                    var.assign(tf.where(head_finite, value, var))
                 head_skipped += tf.cast(tf.logical_not(head_finite), tf.int64)
             losses = losses.write(i, loss)
             codes = codes.write(i, code)
@@ -420,41 +537,43 @@ class _Loop:
         return losses.stack(), codes.stack(), head_skipped
 
     def _meta_step(self):
-        if self.c.head == "pt_head":
-            # The PT head variables themselves: read inside the unroll's tape, so v
-            # reaches them. Nothing is copied back; PT keeps training its head.
-            head = list(self.problem.pt_head_params)
-            state = self.ft_rule.init([h.read_value() for h in head])
-        elif self.c.head == "reinit":
+        head = state = None  # "pt_head": the replicas read the PT head variables
+        if self.c.head == "reinit":
             feature_dim = int(self.problem.backbone.output_shape[-1])
             head = interfaces.init_head(
                 feature_dim, self.problem.num_ft_classes, self.generator, self.dtype
             )
             state = self.ft_rule.init(head)
-        else:
+        elif self.c.head == "persistent":
             head = [h.read_value() for h in self.head]
             state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
         pt_batch = self._pt_batch(self.meta_pt_iter)
         ft_batches = [next(self.ft_train_iter) for _ in range(self.c.ft_unroll_steps)]
         val_batch = next(self.ft_val_iter)
-        result = self.meta_gradient(pt_batch, ft_batches, val_batch, head, state)
+        # Every output is the same on every replica (replicated FT, all-reduced solve).
+        result = self.replicas.first(
+            self.strategy.run(
+                self._replica_meta_step_fn, args=(pt_batch, ft_batches, val_batch, head, state)
+            )
+        )
         batches_finite = {
             "pt_batch": _finite(pt_batch),
             "ft_train_batch": _finite(ft_batches),
             "ft_val_batch": _finite(val_batch),
         }
-        head_finite = tf.logical_and(
-            batches_finite["ft_train_batch"], _finite([result.ft_params, result.ft_state])
-        )
         if self.c.head == "persistent":
-            for var, value in zip(self.head, result.ft_params, strict=True):
+            head_finite = tf.logical_and(
+                batches_finite["ft_train_batch"],
+                _finite([result["ft_params"], result["ft_state"]]),
+            )
+            for var, value in zip(self.head, result["ft_params"], strict=True):
                 var.assign(tf.where(head_finite, value, var))
             tf.nest.map_structure(
                 lambda v, t: v.assign(tf.where(head_finite, t, v)),
                 self.head_state,
-                result.ft_state,
+                result["ft_state"],
             )
-        grads = result.meta_grads
+        grads = result["grads"]
         norm = tf.linalg.global_norm(grads)
         finite = tf.reduce_all([_finite(grads), *batches_finite.values()])
         self.meta_step.assign_add(1)
@@ -463,10 +582,10 @@ class _Loop:
             "finite": finite,
             "batches_finite": batches_finite,
             "meta_grad_norm": norm,
-            "ft_val_loss": result.ft_val_loss,
-            "ft_train_loss": result.ft_train_losses[0],
-            "solver_residual": result.solver_residual,
-            "solver_diverged": result.solver_diverged,
+            "ft_val_loss": result["ft_val_loss"],
+            "ft_train_loss": result["ft_train_loss"],
+            "solver_residual": result["solver_residual"],
+            "solver_diverged": result["solver_diverged"],
         }
 
     def _apply_meta(self, grads):
@@ -476,7 +595,7 @@ class _Loop:
             norm = tf.linalg.global_norm(grads)
             scale = tf.where(norm > 0, 1.0 / norm, tf.zeros_like(norm))
             grads = [g * tf.cast(scale, g.dtype) for g in grads]
-        self.meta_optimizer.apply_gradients(zip(grads, self.meta_params, strict=True))
+        self.strategy.run(self._replica_apply_meta, args=(grads,))
 
     def pt_steps(self, n: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Runs n PT steps; returns their losses, their _PT_* codes, and FT-head steps skipped."""
@@ -546,6 +665,7 @@ def _restore_newest_good(
     checkpoint: tf.train.Checkpoint,
     manager: tf.train.CheckpointManager,
     warn: Callable[[str], None],
+    move_aside: bool = True,
 ) -> str | None:
     """Restores the newest checkpoint of `manager`'s directory that restores; returns it.
 
@@ -570,7 +690,7 @@ def _restore_newest_good(
             nxt = "trying the one before it" if i + 1 < len(candidates) else "no older one left"
             warn(f"Checkpoint {path} could not be restored ({reason}); {nxt}.")
             continue
-        for bad in candidates[:i]:
+        for bad in candidates[:i] if move_aside else []:
             moved = _move_aside(bad)
             if moved:
                 warn(f"Moved the damaged checkpoint {bad} aside: {', '.join(moved)}.")
@@ -616,39 +736,63 @@ def run(
     log: Callable[[str], None] | None = print,
     stop_after_meta_steps: int | None = None,
     meta_pt_data: tf.data.Dataset | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> OnlineResult:
     """Runs (or resumes) online meta-PT; returns the history and step counts.
 
     Args:
       problem: the model, PT loss and meta-parameters.
       pt_data, ft_train_data, ft_val_data: infinite (repeated), batched,
-        deterministic datasets of dicts; their iterators are checkpointed.
+        deterministic datasets of dicts; their iterators are checkpointed. Under a
+        strategy with R replicas, batches are global: B examples, a multiple of R.
       config: the loop's settings, `default_config()`'s fields.
       workdir: checkpoints in `workdir/checkpoints`, TensorBoard in `workdir`,
-        history in `workdir/history.json`.
+        history in `workdir/history.json` (written by the chief worker).
       log: receives progress lines; None is silent.
       stop_after_meta_steps: return (after a checkpoint) once this many
         meta-steps are done, for tests of resumption; None runs to the end.
       meta_pt_data: PT batches for the meta-steps (default: from `pt_data`).
+      strategy: the `tf.distribute` strategy the problem was built under
+        (`distribute.make_strategy(config)`, the problem built inside
+        `distribute.scope(strategy, config.mixed_precision)`); None: the strategy
+        in scope, TensorFlow's default one outside any scope. Its kind must be
+        the one `config.distribute` names.
 
     Raises:
-      ValueError: a bad config field (named).
+      ValueError: a bad config field (named), a strategy of another kind than
+        `config.distribute`, or a problem built outside the strategy's scope or
+        dtype policy.
       NonFiniteLossError: a PT batch, loss or gradient was NaN/Inf (the step is named).
       CheckpointRestoreError: `workdir` holds checkpoints and none restores.
     """
     validate_config(config)
-    c = config
     start_time = time.perf_counter()
-    say = log or (lambda _: None)
-
-    def warn(message: str) -> None:
-        logging.warning("%s", message)  # on stderr even when `log` is None
-        say(f"warning: {message}")
-
-    loop = _Loop(problem, pt_data, ft_train_data, ft_val_data, c, meta_pt_data)
+    loop = _Loop(problem, pt_data, ft_train_data, ft_val_data, config, meta_pt_data, strategy)
     os.makedirs(workdir, exist_ok=True)
+    with distribute.checkpoint_dir(workdir, loop.strategy) as checkpoint_dir:
+        return _drive(loop, config, workdir, checkpoint_dir, log, stop_after_meta_steps, start_time)
+
+
+def _drive(
+    loop: _Loop,
+    c: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint_dir: str,
+    log: Callable[[str], None] | None,
+    stop_after_meta_steps: int | None,
+    start_time: float,
+) -> OnlineResult:
+    """`run`'s schedule: warm-up, meta-steps, checkpoints, summaries and history.
+
+    Every worker runs it in lockstep (same steps, same saves: saving can involve
+    collectives); only the chief writes TensorBoard events and the history, and
+    its checkpoints are the ones every worker resumes from.
+    """
+    problem = loop.problem
+    say = log or (lambda _: None)
+    chief = distribute.is_chief(loop.strategy)
     manager = tf.train.CheckpointManager(
-        loop.checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=c.max_checkpoints
+        loop.checkpoint, checkpoint_dir, max_to_keep=c.max_checkpoints
     )
     history_path = os.path.join(workdir, "history.json")
     # Host-side counters at each checkpoint's PT step (not in the TF checkpoint, whose
@@ -658,7 +802,20 @@ def run(
     counters: dict[str, dict] = {}
     head_skipped = 0
     resumed_from = None
-    restored = _restore_newest_good(loop.checkpoint, manager, warn)
+
+    def warn(message: str) -> None:
+        logging.warning("%s", message)  # on stderr even when `log` is None
+        say(f"warning: {message}")
+
+    # Every worker resumes from the chief's checkpoints; only the chief moves a
+    # damaged one aside.
+    restore_dir = os.path.join(workdir, "checkpoints")
+    restore_manager = (
+        manager
+        if os.path.normpath(checkpoint_dir) == os.path.normpath(restore_dir)
+        else tf.train.CheckpointManager(loop.checkpoint, restore_dir, max_to_keep=c.max_checkpoints)
+    )
+    restored = _restore_newest_good(loop.checkpoint, restore_manager, warn, move_aside=chief)
     if restored is not None:
         resumed_from = int(loop.meta_step.numpy())
         restored_pt_step = int(loop.pt_step.numpy())
@@ -676,14 +833,15 @@ def run(
         if saved_at[0] == step:
             return
         saved_at[0] = step
-        # History first: killed between the two writes, a resume drops the records past
-        # the checkpoint's step; the other order would lose the records up to it.
-        counters[str(step)] = {"skipped_head_steps": head_skipped}
-        _write_json(history_path, records)
-        _write_json(counters_path, counters)
+        if chief:
+            # History first: killed between the two writes, a resume drops the records
+            # past the checkpoint's step; the other order would lose the records up to it.
+            counters[str(step)] = {"skipped_head_steps": head_skipped}
+            _write_json(history_path, records)
+            _write_json(counters_path, counters)
         manager.save(checkpoint_number=step)
 
-    writer = tf.summary.create_file_writer(workdir)
+    writer = tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
     total_pt = c.warmup_steps + c.num_meta_steps * c.pt_steps_per_meta_step
 
     def check_losses(losses: np.ndarray, codes: np.ndarray, first_step: int) -> None:

@@ -108,6 +108,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if f.learning_rate <= 0:
         raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
+    if config.meta.distribute != "default" or config.meta.mixed_precision != "none":
+        # GraphTensor batches have no leading batch dimension to split over replicas.
+        field = "distribute" if config.meta.distribute != "default" else "mixed_precision"
+        raise config_error(
+            f"meta.{field}", config.meta[field], "its default: the benchmark runs on one device"
+        )
 
 
 # ---------------------------------------------------------------------------

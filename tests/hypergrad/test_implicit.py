@@ -214,3 +214,59 @@ def test_mismatched_v_and_unconnected_meta_params_raise_clear_errors():
                 hypergrad.implicit_hypergradient(
                     fn, ridge.pt_params, ridge.meta_params, v, solver=cg, hvp_mode=mode
                 )
+
+
+@pytest.mark.parametrize("mode", hypergrad.HVP_MODES)
+@pytest.mark.parametrize("solver_name", ["cg", "neumann"])
+def test_reduce_fn_reaches_every_hvp_and_the_mixed_term(mode, solver_name):
+    # Two replicas with identical halves: each holds L/2 and the cross-replica sum
+    # doubles. The result is the whole loss's only if the solver's HVPs and the mixed
+    # term are both reduced (reducing one of them alone gives twice or half of it).
+    ridge = Ridge(seed=4)
+    ridge.set_theta_star()
+    if solver_name == "cg":
+        solver = hypergrad.ConjugateGradient(max_iters=50, tol=1e-14)
+    else:
+        solver = hypergrad.Neumann(num_terms=400, alpha="auto", power_iters=50)
+    calls = []
+
+    def reduce_fn(values):
+        calls.append(len(values))
+        return [2.0 * x for x in values]
+
+    grads = hypergrad.implicit_hypergradient(
+        lambda: 0.5 * ridge.pt_loss(),
+        ridge.pt_params,
+        ridge.meta_params,
+        ridge.v(),
+        solver=solver,
+        hvp_mode=mode,
+        reduce_fn=reduce_fn,
+    )
+    got = np.concatenate([g.numpy() for g in grads])
+    tol = 1e-6 if solver_name == "cg" else 1e-5
+    assert _rel_err(got, ridge.exact_hypergradient_autodiff()) < tol
+    assert calls.count(2) >= 2  # the HVPs (over theta) and the mixed term (over phi)
+
+
+def test_reduce_fn_must_keep_one_tensor_per_entry():
+    ridge = Ridge()
+    ridge.set_theta_star()
+    with pytest.raises(ValueError, match="reduce_fn must return one tensor per input"):
+        hypergrad.implicit_hypergradient(
+            ridge.pt_loss,
+            ridge.pt_params,
+            ridge.meta_params,
+            ridge.v(),
+            solver=hypergrad.Neumann(num_terms=1, alpha=0.1),
+            reduce_fn=lambda values: values[:1],
+        )
+    with pytest.raises(TypeError, match="reduce_fn must be callable"):
+        hypergrad.implicit_hypergradient(
+            ridge.pt_loss,
+            ridge.pt_params,
+            ridge.meta_params,
+            ridge.v(),
+            solver=hypergrad.Neumann(num_terms=1, alpha=0.1),
+            reduce_fn=2.0,
+        )

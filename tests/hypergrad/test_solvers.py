@@ -155,3 +155,30 @@ def test_solver_arguments_are_validated():
     with pytest.raises(ValueError, match="damping must be >= 0"):
         hypergrad.ConjugateGradient(damping=-1.0)
     assert "max_iters=7" in repr(hypergrad.ConjugateGradient(max_iters=7))
+
+
+@pytest.mark.parametrize("tol", [1e-1, 1e-12])
+def test_unrolled_conjugate_gradient_equals_the_while_loop(tol):
+    # A Python loop with masked updates: the while loop's iterates, residual and HVP
+    # count, whether it stops early (tol=1e-1) or runs to max_iters (tol=1e-12).
+    a, rng = _spd(n=12, cond=10.0, seed=3)
+    blocks = _as_blocks(rng.normal(size=12))
+    hvp_fn = _block_hvp(a)
+    calls = []
+
+    def counting_hvp(u):
+        calls.append(1)
+        return hvp_fn(u)
+
+    looped = hypergrad.ConjugateGradient(max_iters=8, tol=tol).solve(hvp_fn, blocks)
+    unrolled = tf.function(
+        lambda v: hypergrad.ConjugateGradient(max_iters=8, tol=tol, unroll=True).solve(
+            counting_hvp, v
+        )
+    )(blocks)
+    assert len(calls) == 8  # traced: one HVP per iteration, no tf.while_loop
+    np.testing.assert_allclose(_concat(unrolled.solution), _concat(looped.solution), rtol=1e-12)
+    np.testing.assert_allclose(unrolled.residual_norm.numpy(), looped.residual_norm.numpy())
+    assert int(unrolled.num_hvps) == int(looped.num_hvps)
+    assert (int(looped.num_hvps) < 8) == (tol == 1e-1)
+    assert bool(unrolled.diverged) == bool(looped.diverged)

@@ -1,0 +1,246 @@
+"""The online loop under tf.distribute, against the single-device loop as the oracle.
+
+MirroredStrategy over 2 logical CPUs and MultiWorkerMirroredStrategy over 2
+worker processes on 127.0.0.1 run in subprocesses (`distribute_checks.py`):
+logical devices and collective ops must be set up before TensorFlow initialises,
+which this pytest process has long done. Every comparison is in float64 against
+the same computation on one device.
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metapt_tf.training import distribute, mnist_experiments, online, ppi_benchmark
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CHECKS = HERE / "distribute_checks.py"
+MARKER = "DISTRIBUTE_CHECK "
+CASES = [
+    "forward_over_reverse|neumann",
+    "reverse_over_reverse|neumann",
+    "reverse_over_reverse|cg",
+]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def mirrored():
+    """Everything measured on 2 logical CPUs, in one subprocess (about a minute)."""
+    proc = subprocess.run(
+        [sys.executable, str(CHECKS), "mirrored"],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(lines[-1][len(MARKER) :])
+
+
+def test_each_replica_gets_its_contiguous_half_of_the_global_batch(mirrored):
+    assert mirrored["logical_cpus"] == 2
+    assert mirrored["shards"] == [list(range(8)), list(range(8, 16))]
+    for case in CASES:
+        got = mirrored[f"meta_gradient|{case}"]
+        assert got["default"]["pt_batch_sizes"] == [16]
+        assert got["mirrored"]["pt_batch_sizes"] == [8]  # every traced PT loss saw 8 rows
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_meta_gradient_under_mirrored_equals_single_device(mirrored, case):
+    single = mirrored[f"meta_gradient|{case}"]["default"]
+    dist = mirrored[f"meta_gradient|{case}"]["mirrored"]
+    assert np.linalg.norm(single["meta_grads"]) > 1e-4  # a non-trivial target
+    # Three PT steps (gradients all-reduced), then one meta-gradient (HVPs and the
+    # mixed term all-reduced) and its update.
+    assert _rel(dist["pt_losses"], single["pt_losses"]) < 1e-12
+    assert _rel(dist["theta"], single["theta"]) < 1e-12
+    assert _rel(dist["meta_grads"], single["meta_grads"]) < 1e-6
+    assert abs(dist["ft_val_loss"] - single["ft_val_loss"]) < 1e-12
+    assert _rel(dist["phi"], single["phi"]) < 1e-6
+    assert dist["replica_spread"] == 0.0  # theta, phi and the head equal on both replicas
+
+
+def test_meta_pt_run_under_mirrored_matches_single_device(mirrored):
+    # The problem's pt_batch_fn draws input noise from a generator in checkpoint_extras:
+    # applied once to the global batch, so both runs see the same draws.
+    single, dist = mirrored["run"]["default"], mirrored["run"]["mirrored"]
+    assert dist["meta_steps"] == single["meta_steps"] == 6
+    assert dist["skipped_meta_steps"] == 0
+    assert np.linalg.norm(single["phi"]) > 0.1  # phi moved
+    assert _rel(dist["phi"], single["phi"]) < 1e-6
+    np.testing.assert_allclose(dist["ft_val_loss"], single["ft_val_loss"], rtol=1e-9)
+    assert dist["replica_spread"] == 0.0
+
+
+def test_mixed_precision_keeps_the_meta_gradient_in_float32_and_close(mirrored):
+    # One meta-gradient under MirroredStrategy with 16-bit compute, against float32.
+    grads = mirrored["meta_gradient|mixed"]
+    reference = grads["none"]["meta_grads"]
+    assert _rel(grads["mixed_bfloat16"]["meta_grads"], reference) < 0.05
+    assert _rel(grads["mixed_float16"]["meta_grads"], reference) < 0.01
+    for precision in ("mixed_bfloat16", "mixed_float16"):
+        assert np.all(np.isfinite(grads[precision]["meta_grads"]))
+        assert grads[precision]["replica_spread"] == 0.0
+    for key, compute in (("run_bfloat16", "bfloat16"), ("run_float16", "float16")):
+        run = mirrored[key]
+        assert run["compute_dtype"] == compute and run["phi_dtype"] == "float32"
+        assert run["meta_steps"] == 6 and run["skipped_meta_steps"] == 0
+        assert np.all(np.isfinite(run["phi"])) and np.linalg.norm(run["phi"]) > 0.1
+        assert np.all(np.isfinite(run["ft_val_loss"] + run["meta_grad_norm"]))
+
+
+def test_mnist_binary_runs_mirrored_in_mixed_bfloat16(mirrored):
+    run = mirrored["mnist_binary"]
+    assert run["meta_steps"] == 3
+    assert run["phi_finite"] and run["phi_moved"] > 0
+    assert 0.0 <= run["accuracy"] <= 1.0
+
+
+def test_xla_compiled_meta_step(mirrored):
+    # On one device the per-replica meta-step compiles with XLA and gives the same run.
+    assert _rel(mirrored["run_jit"]["phi"], mirrored["run"]["default"]["phi"]) < 1e-6
+    # Across CPU replicas TensorFlow cannot compile the all-reduces: a clear refusal.
+    assert (
+        "jit_compile=True under a mirrored strategy needs GPU replicas"
+        in (mirrored["jit_mirrored_error"])
+    )
+
+
+def test_problem_built_outside_the_strategy_scope_is_refused(mirrored):
+    message = mirrored["wrong_scope_error"]
+    assert "was not created under the strategy's scope (mirrored)" in message
+    assert "distribute.scope(strategy" in message
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _run_workers(tmp_path: Path, workdir: Path, launch: str, **env) -> list[dict]:
+    """Two MultiWorkerMirrored workers on 127.0.0.1; their reports (killed after 240 s)."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    procs, reports = [], [tmp_path / f"{launch}_worker{i}.json" for i in range(2)]
+    for i in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(CHECKS), "worker", str(reports[i])],
+                env=_env(TF_CONFIG=tf_config, METAPT_WORKDIR=str(workdir), **env),
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        pytest.fail(f"{launch}: a worker did not finish within 240 s (a hung collective?).")
+    for i, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"{launch}, worker {i}:\n{err[-4000:]}"
+    return [json.loads(r.read_text()) for r in reports]
+
+
+def test_two_workers_on_loopback_resume_and_end_with_the_same_phi(tmp_path):
+    workdir = tmp_path / "run"
+    # Stopped after 3 of 6 meta-steps, then resumed by two fresh worker processes.
+    first = _run_workers(tmp_path, workdir, "first", METAPT_STOP_AFTER="3")
+    assert [r["meta_steps"] for r in first] == [3, 3]
+    np.testing.assert_array_equal(first[0]["phi"], first[1]["phi"])
+    chief, other = _run_workers(tmp_path, workdir, "resumed")
+    assert chief["chief"] and not other["chief"]
+    assert chief["num_replicas"] == other["num_replicas"] == 2
+    # Both resumed from the chief's checkpoint (the other worker's own went to a
+    # temporary directory), noise generator of pt_batch_fn included, and ran to the end.
+    assert chief["resumed_from"] == other["resumed_from"] == 3
+    assert chief["meta_steps"] == other["meta_steps"] == 6
+    np.testing.assert_array_equal(chief["phi"], other["phi"])
+    # Each worker reads the global batch and keeps its half: the single-device run.
+    assert np.linalg.norm(chief["single_device_phi"]) > 0.1
+    assert _rel(chief["phi"], chief["single_device_phi"]) < 1e-6
+    assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-16")
+    assert (workdir / "history.json").exists()
+    assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["checkpoints"]
+
+
+def test_config_fields_and_strategy_mismatches_are_named(monkeypatch):
+    c = online.default_config()
+    c.distribute = "tpu"
+    with pytest.raises(ValueError, match=r"config.meta.distribute must be one of \('default', "):
+        online.validate_config(c)
+    c = online.default_config()
+    c.mixed_precision = "float16"
+    with pytest.raises(ValueError, match=r"config.meta.mixed_precision must be one of .*'none'"):
+        online.validate_config(c)
+    c = online.default_config()
+    c.devices = "/gpu:0,/gpu:1"
+    with pytest.raises(ValueError, match=r"config.meta.devices must be .* unless .*'mirrored'"):
+        online.validate_config(c)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    c = online.default_config()
+    c.distribute = "multi_worker_mirrored"
+    with pytest.raises(ValueError, match="needs the cluster in the TF_CONFIG environment"):
+        distribute.make_strategy(c)
+    with pytest.raises(ValueError, match=r"config.meta.distribute='multi_worker_mirrored' but "):
+        distribute.check_strategy(tf.distribute.get_strategy(), c.distribute)
+    with pytest.raises(ValueError, match="runs under the strategies .* Received a OneDevice"):
+        distribute.check_strategy(tf.distribute.OneDeviceStrategy("/cpu:0"), "default")
+
+
+def _experiment_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ml_collections.ConfigDict(module.get_config().to_dict())
+
+
+def test_binaries_name_the_strategies_they_cannot_run():
+    c = _experiment_config("mnist_noisy_labels")
+    c.meta.distribute = "multi_worker_mirrored"
+    with pytest.raises(ValueError, match=r"config.meta.distribute must be 'default' or 'mirrored'"):
+        mnist_experiments.validate_config(c)
+    c = _experiment_config("mnist_noisy_labels")
+    c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1,/cpu:2"
+    with pytest.raises(ValueError, match=r"data.pt_batch_size must be a multiple of the 3 config"):
+        mnist_experiments.validate_config(c)
+    c = _experiment_config("ppi_multitask")
+    c.meta.distribute = "mirrored"
+    with pytest.raises(ValueError, match="config.meta.distribute must be its default: the bench"):
+        ppi_benchmark.validate_config(c)
