@@ -69,11 +69,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Keras 2, as metapt_tf requi
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -81,10 +78,6 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks import meta_step_harness  # noqa: E402
 from benchmarks.meta_step_harness import (  # noqa: E402
-    CHILD_FLAG,
-    CHILD_MARKER,
-    DEFAULT_HVP_MODE,
-    HVP_MODES,
     gpu_device,
 )
 from configs import ecg_simclr  # noqa: E402
@@ -204,17 +197,6 @@ class Bench(meta_step_harness.LoopBench):
 # -- memory -----------------------------------------------------------------------------
 
 
-def memory_child(cfg: Config, workdir: str) -> dict:
-    """Runs in the child: every cell's peaks, CPU RSS."""
-    return meta_step_harness.memory_child(Bench(cfg, workdir))
-
-
-def run_memory_child(cfg: Config, workdir: str) -> dict:
-    return meta_step_harness.run_memory_child(
-        "benchmarks.ecg_meta_step_bench", size_argv(cfg), workdir
-    )
-
-
 def _join(values) -> str:
     return ",".join(str(v) for v in values)
 
@@ -292,10 +274,7 @@ def parse_args(argv=None):
         description="Time and peak memory of one meta-step on the ECG ResNet versus P plain "
         "SimCLR steps.",
     )
-    parser.add_argument("--repeats", type=int, help=f"timed rounds (default {FULL_REPEATS})")
-    parser.add_argument(
-        "--warmup", type=int, help=f"untimed calls per function (default {FULL_WARMUP})"
-    )
+    meta_step_harness.add_repeat_arguments(parser, FULL_REPEATS, FULL_WARMUP)
     parser.add_argument("--channels", type=_int_tuple, help="ResNet stage widths, e.g. 32,64")
     parser.add_argument("--blocks", type=_int_tuple, help="basic blocks per stage, e.g. 2,2")
     parser.add_argument("--kernel_size", type=int)
@@ -312,26 +291,16 @@ def parse_args(argv=None):
     parser.add_argument("--ft_batch", type=int, help="records per FT-train / FT-val batch")
     parser.add_argument("--records", type=int, help="synthetic records (fold 10 is held out)")
     parser.add_argument("--labelled", type=int, help="labelled FT records (FT-train + FT-val)")
-    parser.add_argument("--pt_steps", type=int, default=DEFAULT_P, help="P, PT steps per meta-step")
-    parser.add_argument(
-        "--hvp_modes",
-        default=DEFAULT_HVP_MODE,
-        help=f"comma-separated HVP modes of {HVP_MODES}, or 'all' (default: {DEFAULT_HVP_MODE})",
-    )
-    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory figures")
-    parser.add_argument("--json", metavar="PATH", help="write all figures as JSON")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"tiny sizes {QUICK} and {QUICK_REPEATS} repeats (a smoke run)",
-    )
-    parser.add_argument(CHILD_FLAG, metavar="WORKDIR", help=argparse.SUPPRESS)
+    meta_step_harness.add_run_arguments(parser, DEFAULT_P, QUICK, QUICK_REPEATS)
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    sizes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
-    warmup = args.warmup or (QUICK_WARMUP if args.quick else FULL_WARMUP)
-    modes = meta_step_harness.parse_hvp_modes(args.hvp_modes, parser)
+    sizes, repeats, warmup, modes = meta_step_harness.resolve(
+        args,
+        parser,
+        full=FULL,
+        quick=QUICK,
+        repeats=(FULL_REPEATS, QUICK_REPEATS),
+        warmup=(FULL_WARMUP, QUICK_WARMUP),
+    )
     scalars = [v for k, v in sizes.items() if k not in TUPLE_SIZES]
     if repeats < 1 or warmup < 1 or args.pt_steps < 1 or min(scalars) < 1:
         parser.error("--repeats, --warmup, --pt_steps and the sizes must be >= 1.")
@@ -351,36 +320,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, cfg = parse_args(argv)
-    if args._memory_child:
-        result = memory_child(cfg, args._memory_child)
-        print(CHILD_MARKER + json.dumps(result), flush=True)
-        return 0
-
-    with tempfile.TemporaryDirectory(prefix="ecg_meta_step_bench_") as workdir:
-        start = time.perf_counter()
-        bench = Bench(cfg, workdir)
-        print(
-            f"built the problem and {len(bench.loops)} loops in "
-            f"{time.perf_counter() - start:.1f} s; warm-up (tracing):",
-            file=sys.stderr,
-            flush=True,
-        )
-        times, memory, memory_method = meta_step_harness.measure(
-            bench, memory=not args.no_memory, run_child=lambda: run_memory_child(cfg, workdir)
-        )
-        summary = meta_step_harness.summarize(bench, times, memory)
-    report(cfg, bench, summary, memory_method)
-    if args.json:
-        meta_step_harness.write_json(
-            args.json,
-            cfg,
-            summary,
-            memory_method,
-            bench.num_params,
-            num_meta_params=bench.num_meta_params,
-            target=None,
-        )
-    return 0
+    return meta_step_harness.main(
+        args,
+        cfg,
+        module="benchmarks.ecg_meta_step_bench",
+        make_bench=Bench,
+        size_argv=size_argv,
+        summarize_fn=meta_step_harness.summarize,
+        report=report,
+        json_extra=lambda bench: {"num_meta_params": bench.num_meta_params, "target": None},
+    )
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Keras 2, as metapt_tf requires
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -373,3 +375,86 @@ def write_json(
     }
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def add_repeat_arguments(parser: argparse.ArgumentParser, full_repeats: int, full_warmup: int):
+    """--repeats and --warmup, whose defaults depend on --quick (see `resolve`)."""
+    parser.add_argument("--repeats", type=int, help=f"timed rounds (default {full_repeats})")
+    parser.add_argument(
+        "--warmup", type=int, help=f"untimed calls per function (default {full_warmup})"
+    )
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, default_p: int, quick: dict, quick_repeats: int
+) -> None:
+    """--pt_steps, --hvp_modes, --no_memory, --json, --quick and the memory child's flag."""
+    parser.add_argument("--pt_steps", type=int, default=default_p, help="P, PT steps per meta-step")
+    parser.add_argument(
+        "--hvp_modes",
+        default=DEFAULT_HVP_MODE,
+        help=f"comma-separated HVP modes of {HVP_MODES}, or 'all' (default: {DEFAULT_HVP_MODE})",
+    )
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory figures")
+    parser.add_argument("--json", metavar="PATH", help="write all figures as JSON")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny sizes {quick} and {quick_repeats} repeats (a smoke run)",
+    )
+    parser.add_argument(CHILD_FLAG, metavar="WORKDIR", help=argparse.SUPPRESS)
+
+
+def resolve(
+    args, parser, *, full: dict, quick: dict, repeats: tuple[int, int], warmup: tuple[int, int]
+) -> tuple[dict, int, int, tuple[str, ...]]:
+    """(sizes, repeats, warmup, HVP modes): the preset (`quick` with --quick, else `full`)
+    overridden by the size flags given; `repeats` and `warmup` are (full, quick) defaults."""
+    preset = quick if args.quick else full
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
+    n_repeats = args.repeats or (repeats[1] if args.quick else repeats[0])
+    n_warmup = args.warmup or (warmup[1] if args.quick else warmup[0])
+    return sizes, n_repeats, n_warmup, parse_hvp_modes(args.hvp_modes, parser)
+
+
+def main(
+    args,
+    cfg,
+    *,
+    module: str,
+    make_bench: Callable[[object, str], LoopBench],
+    size_argv: Callable[[object], list[str]],
+    summarize_fn: Callable[[LoopBench, dict, dict], dict],
+    report: Callable[[object, LoopBench, dict, str | None], None],
+    json_extra: Callable[[LoopBench], dict] = lambda bench: {},
+) -> int:
+    """A benchmark's whole run: in the memory child, its peaks as a marked JSON line;
+    otherwise build the loops in a temporary directory, time them (and measure memory in
+    a child running `module` with `size_argv(cfg)`), report, and write the JSON."""
+    if getattr(args, "_memory_child", None):
+        result = memory_child(make_bench(cfg, args._memory_child))
+        print(CHILD_MARKER + json.dumps(result), flush=True)
+        return 0
+    prefix = module.rsplit(".", 1)[-1] + "_"
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        start = time.perf_counter()
+        bench = make_bench(cfg, workdir)
+        print(
+            f"built the problem and {len(bench.loops)} loops in "
+            f"{time.perf_counter() - start:.1f} s; warm-up (tracing):",
+            file=sys.stderr,
+            flush=True,
+        )
+        times, memory, memory_method = measure(
+            bench,
+            memory=not args.no_memory,
+            run_child=lambda: run_memory_child(module, size_argv(cfg), workdir),
+        )
+        summary = summarize_fn(bench, times, memory)
+    report(cfg, bench, summary, memory_method)
+    if args.json:
+        write_json(args.json, cfg, summary, memory_method, bench.num_params, **json_extra(bench))
+    return 0
