@@ -10,34 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from meta_step_checks import DEFAULT_HVP_MODE, check_timings, finite_positive
 
 ROOT = Path(__file__).resolve().parents[2]
 
-DEFAULT_HVP_MODE = "reverse_over_reverse"  # metapt_tf.hypergrad.DEFAULT_HVP_MODE
-GRID = {(n, k) for n in (1, 5) for k in (1, 5)}
-CELL_KEYS = {
-    "name",
-    "neumann_terms",
-    "ft_unroll_steps",
-    "hvp_mode",
-    "median_ms",
-    "times_ms",
-    "pt_part_median_ms",
-    "meta_gradient_median_ms",
-    "time_ratio",
-    "meta_gradient_in_pt_steps",
-    "pt_peak_mib",
-    "meta_step_peak_mib",
-    "memory_ratio",
-    "skipped_meta_steps",
-}
 INFORMATIONAL_LINE = (
     "No target: the issue sets none for the ECG setting; these ratios are informational."
 )
-
-
-def _finite_positive(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _run_quick(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
@@ -64,39 +43,6 @@ def _run_quick(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, json.loads(out.read_text())
 
 
-def _check_timings(data: dict) -> None:
-    reference = data["reference"]
-    assert reference["pt_steps"] == 10
-    assert len(reference["times_ms"]) == data["config"]["repeats"]
-    assert all(_finite_positive(t) for t in reference["times_ms"])
-    assert _finite_positive(reference["median_ms"])
-    assert math.isclose(reference["pt_step_ms"], reference["median_ms"] / 10)
-
-    cells = data["cells"]
-    assert {(c["neumann_terms"], c["ft_unroll_steps"]) for c in cells} == GRID
-    assert len(cells) == len(GRID)
-    for c in cells:
-        where = c["name"]
-        assert set(c) == CELL_KEYS, where
-        assert c["hvp_mode"] == DEFAULT_HVP_MODE, where
-        assert len(c["times_ms"]) == data["config"]["repeats"], where
-        assert all(_finite_positive(t) for t in c["times_ms"]), where
-        for key in (
-            "median_ms",
-            "pt_part_median_ms",
-            "meta_gradient_median_ms",
-            "time_ratio",
-            "meta_gradient_in_pt_steps",
-        ):
-            assert _finite_positive(c[key]), (where, key, c[key])
-        assert math.isclose(c["time_ratio"], c["median_ms"] / reference["median_ms"]), where
-        assert math.isclose(
-            c["meta_gradient_in_pt_steps"],
-            c["meta_gradient_median_ms"] / reference["pt_step_ms"],
-        ), where
-        assert c["skipped_meta_steps"] == 0, where
-
-
 def test_quick_run_reports_every_grid_cell(tmp_path):
     proc, data = _run_quick(tmp_path, "--no_memory")
     assert INFORMATIONAL_LINE in proc.stdout, proc.stdout[-3000:]
@@ -107,12 +53,12 @@ def test_quick_run_reports_every_grid_cell(tmp_path):
     assert data["target"] is None  # no target for the ECG setting
     assert data["default_hvp_mode"] == DEFAULT_HVP_MODE
     assert data["memory_method"] is None  # --no_memory
-    assert _finite_positive(data["num_pt_params"]) and _finite_positive(data["num_meta_params"])
+    assert finite_positive(data["num_pt_params"]) and finite_positive(data["num_meta_params"])
     config = data["config"]
     assert config["pt_steps"] == 10
     # Every convolution keeps >= 16 channels (oneDNN's CPU 1-D convolutions break below).
     assert min(*config["channels"], config["warp_channels"]) >= 16
-    _check_timings(data)
+    check_timings(data)
     for c in data["cells"]:
         assert c["pt_peak_mib"] is None and c["memory_ratio"] is None, c["name"]
 
@@ -121,10 +67,10 @@ def test_quick_run_reports_every_grid_cell(tmp_path):
 def test_quick_run_measures_peak_memory_in_a_child(tmp_path):
     _, data = _run_quick(tmp_path)
     assert "child process" in data["memory_method"]
-    _check_timings(data)
+    check_timings(data)
     for c in data["cells"]:
         for key in ("pt_peak_mib", "meta_step_peak_mib", "memory_ratio"):
-            assert _finite_positive(c[key]), (c["name"], key, c[key])
+            assert finite_positive(c[key]), (c["name"], key, c[key])
         assert math.isclose(c["memory_ratio"], c["meta_step_peak_mib"] / c["pt_peak_mib"])
 
 
