@@ -3,14 +3,12 @@ method and N, linear and full FT, results, figures, a servable export checked in
 fresh process, resumption), the SimCLR problem's views and meta-gradient, and clear
 config errors."""
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import ml_collections
+import benchmark_binary  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -24,28 +22,15 @@ CONFIG = "configs/ecg_simclr.py"
 
 
 def _env():
-    return dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    return benchmark_binary.env()
 
 
 def _run(workdir, *extra, config=CONFIG + ":smoke", timeout=900):
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainers.run_benchmark",
-        f"--config={config}",
-        f"--workdir={workdir}",
-        *extra,
-    ]
-    return subprocess.run(
-        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return benchmark_binary.run(config, workdir, *extra, timeout=timeout)
 
 
-def _config(variant="smoke") -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("ecg_config", ROOT / CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config(variant).to_dict())
+def _config(variant="smoke"):
+    return benchmark_binary.load_config(CONFIG, variant)
 
 
 @pytest.fixture(scope="module")

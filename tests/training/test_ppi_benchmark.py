@@ -3,12 +3,11 @@ method and setting, results, figure, a servable export checked in a fresh proces
 resumption), the settings' splits, and clear config errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import ml_collections
+import benchmark_binary  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
 
@@ -19,28 +18,15 @@ CONFIG = "configs/ppi_multitask.py"
 
 
 def _env():
-    return dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    return benchmark_binary.env()
 
 
 def _run(workdir, *extra, config=CONFIG + ":smoke", timeout=900):
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainers.run_benchmark",
-        f"--config={config}",
-        f"--workdir={workdir}",
-        *extra,
-    ]
-    return subprocess.run(
-        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return benchmark_binary.run(config, workdir, *extra, timeout=timeout)
 
 
 def _config(variant="smoke"):
-    spec = __import__("importlib.util").util.spec_from_file_location("cfg", ROOT / CONFIG)
-    module = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config(variant).to_dict())
+    return benchmark_binary.load_config(CONFIG, variant)
 
 
 @pytest.fixture(scope="module")
