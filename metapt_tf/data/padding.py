@@ -90,9 +90,10 @@ def pad_batch(batch: Mapping, constraints: tfgnn.SizeConstraints) -> dict:
       padded with zero rows to the number of components, and `MASK_KEY`.
 
     Raises:
-      ValueError (eagerly) or tf.errors.InvalidArgumentError (in a graph, e.g.
-      a dataset's map): the batch has more components, nodes or edges than the
-      constraints allow; the message gives both.
+      ValueError (eagerly, or in a graph for sizes known statically) or
+      tf.errors.InvalidArgumentError (when a graph, e.g. a dataset's map, runs):
+      the batch has more components, nodes or edges than the constraints allow;
+      the message gives both.
     """
     graph = batch["graph"]
     fits = tfgnn.satisfies_size_constraints(graph, constraints)
@@ -107,6 +108,11 @@ def pad_batch(batch: Mapping, constraints: tfgnn.SizeConstraints) -> dict:
         "with padding.size_constraints for this batch size and these files. Batch sizes:"
     )
     sizes = _sizes(graph)
+    static = {"total_num_components": graph.spec.total_num_components}
+    static.update({n: p.spec.total_size for n, p in graph.node_sets.items()})
+    static.update({n: p.spec.total_size for n, p in graph.edge_sets.items()})
+    if any(v is not None and k in limits and v > limits[k] for k, v in static.items()):
+        raise ValueError(f"{message} {static}.")
     if tf.executing_eagerly():
         if not bool(fits):
             got = {k: int(v) for k, v in sizes.items()}
