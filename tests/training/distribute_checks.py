@@ -23,11 +23,11 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import gin_checks  # noqa: E402 (same directory)
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import gin_checks  # noqa: E402 (same directory)
 from metapt_tf.meta_params import ExampleWeights  # noqa: E402
 from metapt_tf.training import distribute, interfaces, mnist_experiments, online  # noqa: E402
 
@@ -353,7 +353,8 @@ def worker(out_path: str) -> None:
 def gin_checks_mirrored() -> dict:
     """The GIN (PPI) problem on padded graph batches, one block per replica: one
     meta-gradient in float64 against the single-device one on the same global
-    (unpadded) batches, and the benchmark's smoke variant under MirroredStrategy."""
+    (unpadded) batches; the same on one device with padded batches and an
+    XLA-compiled meta-step; and the benchmark's smoke variant under MirroredStrategy."""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
@@ -381,6 +382,16 @@ def gin_checks_mirrored() -> dict:
                 shards=2,
                 devices=DEVICES,
             ),
+            # The TPU-style program on one device: padded batches, XLA-compiled meta-step.
+            "xla": _timed(
+                "gin padded xla",
+                gin_checks.one_meta_gradient,
+                directory,
+                schema,
+                _strategy("default"),
+                shards=1,
+                jit_compile=True,
+            ),
         }
     finally:
         tf.keras.mixed_precision.set_global_policy(previous)
@@ -390,14 +401,14 @@ def gin_checks_mirrored() -> dict:
 
 def ppi_smoke_mirrored() -> dict:
     """configs/ppi_multitask.py:smoke with meta.distribute='mirrored' over both CPUs
-    (meta-PT, supervised PT and CoTrain in the full setting)."""
+    (meta-PT in the full setting: online.run, fine-tuning, the test)."""
     from metapt_tf.training import ppi_benchmark  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location("c", ROOT / "configs" / "ppi_multitask.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = ml_collections.ConfigDict(module.get_config("smoke").to_dict())
-    c.settings, c.methods = ("full",), ("supervised_pt", "cotrain", "meta_pt")
+    c.settings, c.methods = ("full",), ("meta_pt",)
     c.export = False
     c.meta.distribute, c.meta.devices = "mirrored", DEVICES
     workdir = tempfile.mkdtemp()
