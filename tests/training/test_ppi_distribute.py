@@ -11,14 +11,37 @@ here: "tpu" is checked for its error.
 """
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import benchmark_binary  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
-from test_distribute import CHECKS, MARKER, ROOT, _env, _experiment_config, _rel
 
 from metapt_tf.training import distribute, online, ppi_benchmark
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CHECKS = HERE / "distribute_checks.py"
+MARKER = "DISTRIBUTE_CHECK "
+
+
+def _env() -> dict:
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _experiment_config(name: str):
+    return benchmark_binary.load_config(f"configs/{name}.py", None)
 
 
 @pytest.fixture(scope="module")

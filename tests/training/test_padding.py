@@ -1,18 +1,15 @@
-"""Padded ego-graph batches: static sizes, the unpadded GIN loss and gradient, blocks per
-replica, and clear errors for batches that do not fit."""
+"""Padded ego-graph batches (`metapt_tf.data.padding`): static sizes, the unpadded GIN
+loss and gradient (also XLA-compiled), blocks per replica, and clear errors for batches
+that do not fit. Here rather than in tests/data because it shares the GIN problem of
+the training tests (gin_checks.py)."""
 
-import sys
-from pathlib import Path
-
+import gin_checks  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
 import tensorflow as tf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-import gin_checks  # noqa: E402 (tests/training)
-
-from metapt_tf.data import graphs, padding  # noqa: E402
-from metapt_tf.models.gin import TwiceDifferentiableBatchNorm  # noqa: E402
+from metapt_tf.data import graphs, padding
+from metapt_tf.models.gin import TwiceDifferentiableBatchNorm
 
 
 @pytest.fixture(scope="module")
