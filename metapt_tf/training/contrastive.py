@@ -10,6 +10,12 @@ over cosine similarities divided by a temperature:
 
 with s the cosine similarity and p(i) the partner of i; the loss is the mean of
 loss_i over the 2B anchors. The anchor's similarity to itself is left out of the sum.
+
+Under a `tf.distribute` strategy each replica holds a shard of the batch, and the
+NT-Xent loss of a shard (negatives from that shard only) is not its share of the
+loss of the whole batch. `global_nt_xent_loss` gathers the projections of every
+replica (as SimCLR does across TPU cores) so that each replica computes the loss
+of the global batch.
 """
 
 import math
@@ -85,3 +91,39 @@ def nt_xent_loss(z1, z2, temperature: float = 0.5) -> tf.Tensor:
     positive = tf.gather(logits, partner, axis=1, batch_dims=1)  # logits[i, partner[i]]
     per_anchor = tf.reduce_logsumexp(logits, axis=1) - positive
     return tf.reduce_mean(per_anchor)
+
+
+def gather_replicas(z: tf.Tensor) -> tf.Tensor:
+    """Every replica's `z`, concatenated along axis 0 in replica order.
+
+    In replica context (inside `strategy.run`) with R > 1 replicas this is an
+    all-gather; its gradient sums the cotangents over the replicas and hands each
+    replica those of its own rows. With one replica, or in cross-replica context,
+    `z` is returned as it is.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return z
+    return ctx.all_gather(z, axis=0)
+
+
+def global_nt_xent_loss(z1, z2, temperature: float = 0.5) -> tf.Tensor:
+    """The NT-Xent loss of the global batch, from each replica's shard of it.
+
+    Inside `strategy.run`, with replica r holding rows [r B/R, (r+1) B/R) of the
+    global batch of B examples (`distribute.Replicas.shard`), the projections of
+    all replicas are gathered in replica order, so every replica returns the
+    single-device loss of the B examples, with negatives from the whole batch.
+    Differentiating it on every replica and summing the gradients over replicas
+    (as an optimizer does) gives R times the single-device gradient: scale each
+    replica's loss by 1/R, as the online loop does with every PT loss. With one
+    replica, or outside `strategy.run`, this is `nt_xent_loss`.
+
+    Args:
+      z1, z2: float [B/R, D], this replica's projections of the two views.
+      temperature: as for `nt_xent_loss`.
+    """
+    z1 = tf.convert_to_tensor(z1)
+    z2 = tf.convert_to_tensor(z2, dtype_hint=z1.dtype)
+    _check_views(z1, z2)
+    return nt_xent_loss(gather_replicas(z1), gather_replicas(z2), temperature)

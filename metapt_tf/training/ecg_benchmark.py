@@ -33,6 +33,24 @@ seed/method/N (checkpoints, TensorBoard, `result.json`; finished parts are
 skipped on a restart), `results.json`, `results.md`, `augmentation.png` (the
 learned strengths over meta-training), `augmented_examples.png` and a SavedModel
 of the first seed's meta-PT model (full FT at the largest N), `export/<version>/`.
+
+Under `meta.distribute="mirrored"` (R replicas) every part runs under the
+strategy: the online loop splits each PT batch over the replicas after drawing
+its views once for the global batch (`distribute`), and fine-tuning and
+evaluation split their batches the same way (`finetune`). The NT-Xent loss is
+not a mean over examples, so the loss of a shard is not its share of the loss of
+the batch: the projections are gathered across replicas
+(`contrastive.global_nt_xent_loss`, as SimCLR gathers them across TPU cores), and
+every replica computes the loss of the whole global batch, with negatives from
+all of it. Its gradient, HVPs (reverse over reverse) and mixed term then equal
+the single-device ones; forward-mode JVPs do not pass through TensorFlow's
+cross-replica all-gather, so `meta.hvp_mode="forward_over_reverse"` is refused
+under the strategy. What differs from one device is batch norm in training mode
+(the ResNet's and the augmentation pipeline's magnitude CNN's): each replica
+normalises its shard by that shard's moments. `data.pt_batch_size` must be a
+multiple of R. The benchmark runs in one process (results, figures and the
+export are written once), so "multi_worker_mirrored" is refused, and so is mixed
+precision.
 """
 
 import dataclasses
@@ -50,7 +68,7 @@ import export
 from metapt_tf.data import ecg
 from metapt_tf.meta_params import AugmentationPipeline
 from metapt_tf.models import projection_head, resnet1d_backbone
-from metapt_tf.training import contrastive, finetune, interfaces, online, reporting
+from metapt_tf.training import contrastive, distribute, finetune, interfaces, online, reporting
 from metapt_tf.training.config_checks import config_error, require_int
 
 METHODS = ("no_pt", "simclr_fixed", "simclr_meta")
@@ -127,6 +145,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not float(f.learning_rate) > 0:
         raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
+    meta = config.meta
+    if meta.distribute == "multi_worker_mirrored":
+        # Results, figures and the export are written by one process.
+        raise config_error("meta.distribute", meta.distribute, "'default' or 'mirrored' here")
+    if meta.mixed_precision != "none":
+        raise config_error("meta.mixed_precision", meta.mixed_precision, "'none' here")
+    if meta.distribute == "mirrored":
+        if meta.hvp_mode == "forward_over_reverse":
+            raise config_error(
+                "meta.hvp_mode",
+                meta.hvp_mode,
+                "'reverse_over_reverse' under meta.distribute='mirrored' (forward-mode JVPs do "
+                "not pass through the cross-replica all-gather of the SimCLR projections)",
+            )
+        replicas = len([x for x in meta.devices.split(",") if x.strip()])
+        if replicas and d.pt_batch_size % replicas:
+            raise config_error(
+                "data.pt_batch_size",
+                d.pt_batch_size,
+                f"a multiple of the {replicas} config.meta.devices",
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -245,8 +284,11 @@ def build_problem(config, seed: int, probe: np.ndarray | None = None) -> SimclrP
     """A fresh ResNet, projection head and augmentation pipeline as a meta-PT problem.
 
     PT loss: NT-Xent of the projections of two views of the batch, both drawn
-    by the pipeline with the draws made once per batch (`pt_batch_fn`). phi: the
-    pipeline's variables. The FT task is the 5-label diagnosis on "signal".
+    by the pipeline with the draws made once per batch (`pt_batch_fn`); inside
+    `strategy.run` the projections of every replica are gathered, so each
+    replica's loss is that of the global batch (`contrastive.global_nt_xent_loss`).
+    phi: the pipeline's variables. The FT task is the 5-label diagnosis on
+    "signal". Build it in `distribute.scope(strategy)` to run it under a strategy.
     """
     tf.keras.utils.set_random_seed(seed)
     backbone = make_backbone(config)
@@ -257,7 +299,8 @@ def build_problem(config, seed: int, probe: np.ndarray | None = None) -> SimclrP
     temperature = float(config.temperature)
 
     def pt_batch_fn(batch):
-        size = tf.shape(batch["signal"])[0]
+        # Static where the batch size is, so that the views split over replicas.
+        size = batch["signal"].shape[0] or tf.shape(batch["signal"])[0]
         return {
             "signal": batch["signal"],
             "view_1": pipeline.sample_draws(size, generator),
@@ -275,7 +318,7 @@ def build_problem(config, seed: int, probe: np.ndarray | None = None) -> SimclrP
         )
         z = head(backbone(views, training=True), training=True)
         z1, z2 = tf.split(z, 2, axis=0)
-        return contrastive.nt_xent_loss(z1, z2, temperature)
+        return contrastive.global_nt_xent_loss(z1, z2, temperature)
 
     describe_fn = None
     if probe is not None:
@@ -315,8 +358,9 @@ def _json_load(path):
 
 
 class _Runner:
-    def __init__(self, config, data: ecg.EcgData, workdir: str, seed: int, say):
+    def __init__(self, config, data: ecg.EcgData, workdir: str, seed: int, say, strategy=None):
         self.config, self.data, self.workdir, self.seed, self.say = config, data, workdir, seed, say
+        self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
         self.splits = make_splits(data, config, seed)
         d = config.data
         pt = self.splits.pt
@@ -333,7 +377,8 @@ class _Runner:
 
     def pretrain(self, run_dir: str, n: int, meta: bool) -> tuple[tf.keras.Model, dict]:
         c = self.config
-        built = build_problem(c, self.seed, probe=self.probe if meta else None)
+        with distribute.scope(self.strategy):
+            built = build_problem(c, self.seed, probe=self.probe if meta else None)
         meta_config = ml_collections.ConfigDict(c.meta.to_dict())
         meta_config.seed = self.seed
         meta_config.meta_enabled = meta
@@ -348,6 +393,7 @@ class _Runner:
             config=meta_config,
             workdir=run_dir,
             log=self.say,
+            strategy=self.strategy,
         )
         extra = {"pt_steps": result.pt_steps, "meta_steps": result.meta_steps}
         extra.update(augmentation_summary(built.pipeline, tf.constant(self.probe)))
@@ -379,6 +425,7 @@ class _Runner:
             epochs=max(1, math.ceil(c.finetune.steps / steps_per_epoch)),
             learning_rate=c.finetune.learning_rate,
             seed=self.seed,
+            strategy=self.strategy,
         )
 
 
@@ -406,6 +453,7 @@ def run(
 ) -> dict:
     """Runs every method, N and FT mode over `config.seeds`; returns the results."""
     validate_config(config)
+    strategy = distribute.make_strategy(config.meta)  # before any other op runs
     say = log or (lambda _: None)
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -426,7 +474,7 @@ def run(
     total = len(config.seeds) * len(config.methods) * len(ns)
     done = 0
     for seed in config.seeds:
-        runner = _Runner(config, data, workdir, seed, say)
+        runner = _Runner(config, data, workdir, seed, say, strategy)
         say(
             f"Seed {seed}: {runner.splits.pt.size} PT records, {runner.splits.test.size} test "
             f"records."

@@ -5,16 +5,50 @@ head of `num_classes` logits and trained on the FT training set: every weight
 ("full") or the head alone on frozen features ("linear"). The copy keeps the
 pre-trained backbone itself untouched. Evaluation reports loss and accuracy
 on a held-out FT test set.
+
+Both `finetune_and_evaluate` and `finetune_multilabel` take an optional
+`tf.distribute` strategy (`distribute.make_strategy(config.meta)`). None or the
+default strategy: one device, as always. A strategy with R replicas:
+
+* The classifier (the backbone copy and the head) and its optimizer are created
+  in the strategy's scope, from the same random draws as on one device, so they
+  start from the single-device weights.
+* Every replica (and worker) reads the same global batches a single-device run
+  reads, in the same order: `finetune_and_evaluate` draws one permutation of
+  the training set per epoch exactly as `Model.fit(shuffle=True)` does (a
+  `tf.random.shuffle` of the indices under the seed), `finetune_multilabel`
+  iterates its datasets. A global batch of b examples is padded with zero rows
+  to the fixed width W (the first batch's size rounded up to a multiple of R),
+  each row weighted 1 (an example) or 0 (padding), and replica r takes rows
+  [r W/R, (r+1) W/R) (`distribute.Replicas.shard`). A last partial batch is
+  therefore trained on and evaluated like any other: no example is dropped.
+* Train step (`strategy.run`): each replica's loss is the weighted sum of its
+  shard's per-example losses divided by b, the global batch's example count, so
+  the losses sum to the single-device mean loss; the optimizer sums the
+  gradients over replicas and every replica applies the same update.
+* Evaluation: each replica computes the loss and correct-prediction sums
+  (single-label) or the predictions of its shard, placed in its rows of a zero
+  [W, ...] tensor (multi-label); both are SUM-reduced over replicas, which gives
+  the single-device numbers (adding zeros is exact).
+
+The trained weights and metrics equal the single-device ones up to
+floating-point summation order. Batch statistics are not split this way: batch
+norm with `training=True` (full multi-label fine-tuning of a backbone with
+batch norm) normalises each replica's shard by its own moments, padding rows
+included, as in the online loop (`online`).
 """
 
+import contextlib
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
 
-from metapt_tf.training import reporting
+from metapt_tf.training import distribute, reporting
 
 MODES = ("full", "linear")
+EVAL_BATCH_SIZE = 256  # examples per evaluation batch of `finetune_and_evaluate`
 
 
 @dataclasses.dataclass
@@ -36,6 +70,90 @@ def _check_split(name: str, split: tuple[np.ndarray, np.ndarray]) -> None:
         )
 
 
+def _distributed(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether `strategy` asks for the sharded path (None and the default strategy do not)."""
+    return strategy is not None and distribute.strategy_kind(strategy) != "default"
+
+
+def _padded_width(batch_size: int, num_replicas: int) -> int:
+    """The global batch's rows with padding: `batch_size` rounded up to a multiple of R."""
+    return num_replicas * math.ceil(batch_size / num_replicas)
+
+
+def _check_tensor_batches(spec, what: str, num_replicas: int) -> None:
+    for s in tf.nest.flatten(spec):
+        if not isinstance(s, tf.TensorSpec) or s.shape.rank is None or s.shape.rank < 1:
+            raise ValueError(
+                f"Fine-tuning under a strategy with {num_replicas} replicas splits every "
+                f"tensor of a batch by rows, so {what} must yield a nest of dense tensors with "
+                f"a leading batch dimension. Received an element spec holding {s!r}."
+            )
+
+
+def _pad_rows(batch, width: int):
+    """A global batch of b <= `width` rows, padded with zero rows to `width`.
+
+    Returns the padded batch (static leading dimension `width`), the row weights
+    (1 for an example, 0 for padding; int32 [width]) and b (int32). Cross-replica
+    context.
+    """
+    size = tf.shape(tf.nest.flatten(batch)[0])[0]
+    check = tf.debugging.assert_less_equal(
+        size,
+        width,
+        message=(
+            f"A fine-tuning batch has more rows than the {width} the first batch set "
+            "(batches after the first may be smaller, never larger)."
+        ),
+    )
+    with tf.control_dependencies([check]):
+        size = tf.identity(size)
+
+    def pad(x):
+        paddings = tf.concat(
+            [[[0, width - size]], tf.zeros([x.shape.rank - 1, 2], tf.int32)], axis=0
+        )
+        return tf.ensure_shape(tf.pad(x, paddings), [width, *x.shape[1:]])
+
+    weights = tf.sequence_mask(size, width, dtype=tf.int32)
+    return tf.nest.map_structure(pad, batch), weights, size
+
+
+def _place_in_rows(values: tf.Tensor, width: int, num_replicas: int) -> tf.Tensor:
+    """This replica's shard in its rows of a zero [width, ...] tensor (replica context),
+    so that a SUM over replicas reassembles the global batch exactly."""
+    if num_replicas == 1:
+        return values
+    rows = width // num_replicas
+    before = tf.distribute.get_replica_context().replica_id_in_sync_group * rows
+    paddings = tf.concat(
+        [[[before, width - rows - before]], tf.zeros([values.shape.rank - 1, 2], tf.int32)],
+        axis=0,
+    )
+    return tf.pad(values, paddings)
+
+
+def _classifier(backbone: tf.keras.Model, num_classes: int, mode: str) -> tf.keras.Model:
+    copy = tf.keras.models.clone_model(backbone)
+    copy.set_weights(backbone.get_weights())
+    copy.trainable = mode == "full"
+    inputs = tf.keras.Input(shape=backbone.input_shape[1:], name="image")
+    logits = tf.keras.layers.Dense(num_classes, name="ft_head")(copy(inputs, training=False))
+    return tf.keras.Model(inputs, logits, name="finetuned")
+
+
+def _epoch_orders(num_examples: int, epochs: int) -> tf.data.Dataset:
+    """One permutation of range(num_examples) per epoch: the ones `Model.fit(shuffle=True)`
+    draws on numpy inputs (the same ops, so the same op seeds under the global seed)."""
+
+    def permutation(_):
+        indices = tf.range(num_examples, dtype=tf.int64)
+        indices = tf.random.shuffle(indices)
+        return indices
+
+    return tf.data.Dataset.range(1).repeat(epochs).map(permutation)
+
+
 def finetune_and_evaluate(
     backbone: tf.keras.Model,
     train: tuple[np.ndarray, np.ndarray],
@@ -47,26 +165,42 @@ def finetune_and_evaluate(
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     seed: int = 0,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> FinetuneResult:
     """Fine-tunes a copy of `backbone` with a fresh head; evaluates on `test`.
+
+    Training is Adam on the mean softmax cross-entropy of batches of
+    `min(batch_size, len(train))` examples, reshuffled every epoch (the last
+    batch of an epoch holds the remainder); evaluation takes every example once.
 
     Args:
       backbone: inputs -> features; not modified.
       train, test: (inputs, integer labels) arrays.
       num_classes: logits of the new head.
       mode: "full" (all weights train) or "linear" (the backbone is frozen).
+      strategy: None or the default strategy: `Model.fit` and `Model.evaluate` on
+        one device. A multi-replica strategy (`distribute.make_strategy`): the same
+        batches in the same order, each split over the replicas (see the module
+        docstring), giving the single-device weights and metrics.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}.")
     _check_split("train", train)
     _check_split("test", test)
     tf.keras.utils.set_random_seed(seed)
-    copy = tf.keras.models.clone_model(backbone)
-    copy.set_weights(backbone.get_weights())
-    copy.trainable = mode == "full"
-    inputs = tf.keras.Input(shape=backbone.input_shape[1:], name="image")
-    logits = tf.keras.layers.Dense(num_classes, name="ft_head")(copy(inputs, training=False))
-    model = tf.keras.Model(inputs, logits, name="finetuned")
+    if _distributed(strategy):
+        with strategy.scope():
+            model = _classifier(backbone, num_classes, mode)
+        return _finetune_and_evaluate_sharded(
+            model,
+            train,
+            test,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            strategy=strategy,
+        )
+    model = _classifier(backbone, num_classes, mode)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -74,14 +208,102 @@ def finetune_and_evaluate(
     )
     x, y = train
     model.fit(x, y, batch_size=min(batch_size, len(x)), epochs=epochs, shuffle=True, verbose=0)
-    train_loss, train_acc = model.evaluate(x, y, batch_size=256, verbose=0)
-    test_loss, test_acc = model.evaluate(test[0], test[1], batch_size=256, verbose=0)
+    train_loss, train_acc = model.evaluate(x, y, batch_size=EVAL_BATCH_SIZE, verbose=0)
+    test_loss, test_acc = model.evaluate(test[0], test[1], batch_size=EVAL_BATCH_SIZE, verbose=0)
     del train_loss
     return FinetuneResult(
         model=model,
         test_accuracy=float(test_acc),
         test_loss=float(test_loss),
         train_accuracy=float(train_acc),
+    )
+
+
+def _finetune_and_evaluate_sharded(
+    model: tf.keras.Model,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    strategy: tf.distribute.Strategy,
+) -> FinetuneResult:
+    """`finetune_and_evaluate`'s training and evaluation over the replicas of `strategy`
+    (`model` built in its scope)."""
+    replicas = distribute.Replicas(strategy)
+    with strategy.scope():
+        optimizer = tf.keras.optimizers.Adam(learning_rate)
+    trainable = model.trainable_variables
+
+    def sums(batch, weights, training):
+        """Sums over this replica's shard: weighted cross-entropy and correct predictions."""
+        inputs, labels = batch
+        logits = model(inputs, training=training)
+        losses = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        weights = tf.cast(weights, losses.dtype)
+        correct = tf.cast(
+            tf.equal(tf.argmax(logits, axis=-1), tf.cast(labels, tf.int64)), losses.dtype
+        )
+        return tf.reduce_sum(weights * losses), tf.reduce_sum(weights * correct)
+
+    def replica_train_step(batch, weights, count):
+        batch, weights = replicas.shard((batch, weights), "fine-tuning batch")
+        with tf.GradientTape() as tape:
+            loss_sum, _ = sums(batch, weights, training=True)
+            # This shard's share of the global batch's mean loss.
+            loss = loss_sum / tf.cast(count, loss_sum.dtype)
+        grads = tape.gradient(loss, trainable)
+        # The optimizer sums the gradients over replicas before applying them.
+        optimizer.apply_gradients(zip(grads, trainable, strict=True))
+        return loss
+
+    def replica_eval_step(batch, weights):
+        batch, weights = replicas.shard((batch, weights), "evaluation batch")
+        return sums(batch, weights, training=False)
+
+    x, y = (tf.convert_to_tensor(a) for a in train)
+    spec = (tf.TensorSpec([None, *x.shape[1:]], x.dtype), tf.TensorSpec([None], y.dtype))
+    size = min(batch_size, len(train[0]))
+    width = _padded_width(size, replicas.num_replicas)
+
+    @tf.function(input_signature=[spec])
+    def train_step(batch):
+        padded, weights, count = _pad_rows(batch, width)
+        return replicas.sum(strategy.run(replica_train_step, args=(padded, weights, count)))
+
+    for order in _epoch_orders(len(train[0]), epochs):
+        for start in range(0, len(train[0]), size):
+            rows = order[start : start + size]
+            train_step((tf.gather(x, rows), tf.gather(y, rows)))
+
+    def evaluate(split):
+        xs, ys = (tf.convert_to_tensor(a, dtype=s.dtype) for a, s in zip(split, spec, strict=True))
+        n = len(split[0])
+        eval_size = min(EVAL_BATCH_SIZE, n)
+        eval_width = _padded_width(eval_size, replicas.num_replicas)
+
+        @tf.function(input_signature=[spec])
+        def eval_step(batch):
+            padded, weights, _ = _pad_rows(batch, eval_width)
+            return replicas.sum(strategy.run(replica_eval_step, args=(padded, weights)))
+
+        loss_sum = correct = 0.0
+        for start in range(0, n, eval_size):
+            batch_loss, batch_correct = eval_step(
+                (xs[start : start + eval_size], ys[start : start + eval_size])
+            )
+            loss_sum += float(batch_loss)
+            correct += float(batch_correct)
+        return loss_sum / n, correct / n
+
+    _, train_accuracy = evaluate(train)
+    test_loss, test_accuracy = evaluate(test)
+    return FinetuneResult(
+        model=model,
+        test_accuracy=test_accuracy,
+        test_loss=test_loss,
+        train_accuracy=train_accuracy,
     )
 
 
@@ -116,15 +338,42 @@ class MultilabelResult:
 
 
 def predict_multilabel(
-    model: tf.keras.Model, data: tf.data.Dataset, *, input_key: str, label_key: str
+    model: tf.keras.Model,
+    data: tf.data.Dataset,
+    *,
+    input_key: str,
+    label_key: str,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid outputs and labels over one pass of `data` (finite, batched)."""
+    """Sigmoid outputs and labels over one pass of `data` (finite, batched).
 
-    # One trace for every batch: eager values carry their own sizes (e.g. a
-    # GraphTensor's node counts), so a signature from the dataset is given.
-    @tf.function(input_signature=[data.element_spec[input_key]])
-    def probs(x):
-        return tf.sigmoid(model(x, training=False))
+    Under a multi-replica `strategy` (`model` built in its scope) each batch is
+    padded and split over the replicas, and their predictions are reassembled
+    by a SUM over replicas (see the module docstring): the same arrays.
+    """
+    if not _distributed(strategy):
+        # One trace for every batch: eager values carry their own sizes (e.g. a
+        # GraphTensor's node counts), so a signature from the dataset is given.
+        @tf.function(input_signature=[data.element_spec[input_key]])
+        def probs(x):
+            return tf.sigmoid(model(x, training=False))
+
+    else:
+        replicas = distribute.Replicas(strategy)
+        _check_tensor_batches(data.element_spec, "the evaluation data", replicas.num_replicas)
+        first = next(iter(data), None)
+        rows = 1 if first is None else int(tf.shape(first[label_key])[0])
+        width = _padded_width(rows, replicas.num_replicas)
+
+        def replica_probs(inputs):
+            shard = replicas.shard(inputs, "evaluation batch")
+            out = tf.sigmoid(model(shard, training=False))
+            return _place_in_rows(out, width, replicas.num_replicas)
+
+        @tf.function(input_signature=[data.element_spec[input_key]])
+        def probs(x):
+            padded, _, size = _pad_rows(x, width)
+            return replicas.sum(strategy.run(replica_probs, args=(padded,)))[:size]
 
     scores, labels = [], []
     for batch in data:
@@ -164,8 +413,12 @@ def finetune_multilabel(
     learning_rate: float = 1e-3,
     seed: int = 0,
     log=None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> MultilabelResult:
     """Fine-tunes a copy of `backbone` with a fresh sigmoid head; per-task test AUC.
+
+    Training is Adam on the mean sigmoid cross-entropy (over examples and tasks)
+    of each batch of `train_data`.
 
     Args:
       backbone: the pre-trained backbone (inputs -> features); not modified.
@@ -176,29 +429,62 @@ def finetune_multilabel(
       test_data: one pass of batched test data.
       num_tasks: the head's outputs, the width of `batch[label_key]`.
       mode: "full" (every weight trains) or "linear" (the backbone is frozen).
+      strategy: None or the default strategy: one device. A multi-replica strategy
+        (`distribute.make_strategy`): every batch is split over the replicas (see
+        the module docstring), giving the single-device weights and AUCs; the
+        batches must be dense tensors, and none may be larger than the first.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}.")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1. Received: epochs={epochs}.")
+    sharded = _distributed(strategy)
+    replicas = distribute.Replicas(strategy if sharded else tf.distribute.get_strategy())
+    if sharded:
+        for what, data in (("train_data", train_data), ("test_data", test_data)):
+            _check_tensor_batches(data.element_spec, what, replicas.num_replicas)
     tf.keras.utils.set_random_seed(seed)
-    copy = make_backbone()
-    if backbone is not None:
-        copy.set_weights(backbone.get_weights())
-    model = Classifier(copy, num_tasks, name="finetuned")
-    first = next(iter(train_data))
-    model(first[input_key], training=False)  # builds the head
+    with strategy.scope() if sharded else contextlib.nullcontext():
+        copy = make_backbone()
+        if backbone is not None:
+            copy.set_weights(backbone.get_weights())
+        model = Classifier(copy, num_tasks, name="finetuned")
+        first = next(iter(train_data))
+        model(first[input_key], training=False)  # builds the head
+        optimizer = tf.keras.optimizers.Adam(learning_rate)
     trainable = model.trainable_variables if mode == "full" else model.head.trainable_variables
-    optimizer = tf.keras.optimizers.Adam(learning_rate)
+    if sharded:
+        width = _padded_width(int(tf.shape(first[label_key])[0]), replicas.num_replicas)
+
+    def cross_entropy(batch):
+        """Sigmoid cross-entropy of every example and task, [B, num_tasks]."""
+        logits = model(batch[input_key], training=mode == "full")
+        labels = tf.cast(batch[label_key], logits.dtype)
+        return tf.nn.sigmoid_cross_entropy_with_logits(labels, logits)
+
+    def replica_step(batch, weights, count):
+        batch, weights = replicas.shard((batch, weights), "fine-tuning batch")
+        with tf.GradientTape() as tape:
+            losses = tf.reduce_mean(cross_entropy(batch), axis=-1)  # per example
+            # This shard's share of the global batch's mean loss.
+            loss = tf.reduce_sum(tf.cast(weights, losses.dtype) * losses) / tf.cast(
+                count, losses.dtype
+            )
+        grads = tape.gradient(loss, trainable)
+        # The optimizer sums the gradients over replicas before applying them.
+        optimizer.apply_gradients(zip(grads, trainable, strict=True))
+        return loss
 
     @tf.function(input_signature=[train_data.element_spec])
     def step(batch):
-        labels = tf.cast(batch[label_key], tf.float32)
+        labels = batch[label_key]
         if labels.shape[-1] is not None and labels.shape[-1] != num_tasks:
             raise ValueError(f"Labels have {labels.shape[-1]} tasks; the head has {num_tasks}.")
+        if sharded:
+            padded, weights, count = _pad_rows(batch, width)
+            return replicas.sum(strategy.run(replica_step, args=(padded, weights, count)))
         with tf.GradientTape() as tape:
-            logits = model(batch[input_key], training=mode == "full")
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
+            loss = tf.reduce_mean(cross_entropy(batch))
         grads = tape.gradient(loss, trainable)
         optimizer.apply_gradients(zip(grads, trainable, strict=True))
         return loss
@@ -214,7 +500,13 @@ def finetune_multilabel(
             )
         if log is not None and ((epoch + 1) % 10 == 0 or epoch + 1 == epochs):
             log(f"  fine-tune epoch {epoch + 1}/{epochs}  loss {loss:.4f}")
-    scores, labels = predict_multilabel(model, test_data, input_key=input_key, label_key=label_key)
+    scores, labels = predict_multilabel(
+        model,
+        test_data,
+        input_key=input_key,
+        label_key=label_key,
+        strategy=strategy if sharded else None,
+    )
     aucs = per_task_auc(scores, labels)
     if np.all(np.isnan(aucs)):
         raise ValueError("No test task has both classes; the test AUC is undefined.")

@@ -105,8 +105,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise config_error(f"finetune.{field}", v, "an int >= 1")
     online.validate_config(config.meta)
     if config.meta.distribute == "multi_worker_mirrored":
-        # online.run itself runs on every worker; this binary's fine-tuning,
-        # evaluation, figures and export are single-process.
+        # online.run and fine-tuning are written for every worker, but this
+        # binary writes its results, figures and export from one process.
         raise config_error(
             "meta.distribute", config.meta.distribute, "'default' or 'mirrored' here"
         )
@@ -305,6 +305,7 @@ def run(
                 batch_size=f.batch_size,
                 learning_rate=f.learning_rate,
                 seed=seed,
+                strategy=strategy,
             )
             say(f"[seed {seed}] {method}: FT test accuracy {tuned.test_accuracy:.4f}")
             entry = {
