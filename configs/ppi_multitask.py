@@ -17,7 +17,9 @@ PT (one weight per PT task, w = 2 sigmoid(phi), phi = 0 at the start), and on
 synthetic data PT with the ground truth's task weights as a diagnostic, each in
 three settings: full FT data, 50% of it, and held-out FT tasks (meta-PT sees
 the first 3/4 of the FT tasks, the final FT and the test use the rest).
-Override fields with --config.<field>=<value>.
+Override fields with --config.<field>=<value>; e.g. data-parallel meta-PT over two
+GPUs (padded graph batches, one block per replica): --config.meta.distribute=mirrored
+--config.meta.devices=/gpu:0,/gpu:1.
 """
 
 import ml_collections

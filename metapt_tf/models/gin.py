@@ -27,6 +27,16 @@ Keras momentum 0.9; epsilon 1e-5): batch statistics with `training=True`,
 moving statistics with `training=False`. It is `TwiceDifferentiableBatchNorm`,
 because Keras' layer gets second derivatives wrong with batch statistics (see
 there), and the PT loss is differentiated twice in that mode.
+
+Padded batches (`metapt_tf.data.padding`): padding nodes carry a negative
+`CENTER_FEATURE` and only padding edges, so real ego-graphs get the same
+states as unpadded; the batch norms take their statistics over real nodes only
+(`GINNextState` passes the mask), so a padded batch gives the unpadded batch's
+outputs for its real components. Under a `tf.distribute` strategy with several
+replicas the batch norms are synchronised: their statistics are those of the
+global batch's real nodes, so data-parallel PT computes the one-device loss
+(forward-over-reverse HVPs are not supported there; see
+`TwiceDifferentiableBatchNorm`).
 """
 
 import tensorflow as tf
@@ -96,21 +106,108 @@ class TwiceDifferentiableBatchNorm(tf.keras.layers.BatchNormalization):
     derivatives exact (the dropped term is zero at the batch mean) but not second
     derivatives: e.g. Hessian-vector products show curvature along the bias of the
     preceding Dense layer, although the output does not depend on it. Here the
-    variance is differentiated through the mean too. Same arguments, weights and
-    outputs as the Keras layer; only the unmasked, unsynchronized case differs.
+    variance is differentiated through the mean too, in every case:
+
+    * no mask, one replica: the mean over the batch, then the mean squared
+      difference from it (the Keras layer's outputs);
+    * `mask` (bool [rows], False for padding): the same over the rows where it is
+      True, written as `mean(x * m) * (rows / sum(m))`, so that an all-True mask
+      gives the unmasked moments bit for bit;
+    * `synchronized=True` under a strategy with R > 1 replicas (in replica
+      context): the masked sums and counts are summed over the replicas, so every
+      replica normalises with the moments of the global batch, as one device
+      would. The all-reduces are differentiable in reverse mode (TensorFlow's
+      all-reduce gradient is an all-reduce), so reverse-over-reverse HVPs are
+      exact; forward-mode tangents (`tf.autodiff.ForwardAccumulator`) do not pass
+      through them correctly, so forward-over-reverse HVPs under such a strategy
+      are wrong, and callers must not use them.
+
+    Same arguments, weights and outputs as the Keras layer.
     """
 
     def _calculate_mean_and_var(self, inputs, reduction_axes, keep_dims, mask=None):
-        if mask is not None or self.synchronized:
-            return super()._calculate_mean_and_var(inputs, reduction_axes, keep_dims, mask=mask)
-        mean = tf.reduce_mean(inputs, axis=reduction_axes, keepdims=True)
-        variance = tf.reduce_mean(
-            tf.math.squared_difference(inputs, mean), axis=reduction_axes, keepdims=True
-        )
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if self.synchronized and ctx is not None else 1
+        if mask is None and replicas == 1:
+            mean = tf.reduce_mean(inputs, axis=reduction_axes, keepdims=True)
+            variance = tf.reduce_mean(
+                tf.math.squared_difference(inputs, mean), axis=reduction_axes, keepdims=True
+            )
+        else:
+            if mask is None:
+                weights = tf.ones_like(inputs)
+            else:
+                weights = tf.cast(mask, inputs.dtype)
+                weights = tf.reshape(
+                    weights, tf.concat([tf.shape(weights), [1] * (inputs.shape.rank - 1)], 0)
+                )
+                weights = tf.broadcast_to(weights, tf.shape(inputs))
+            count = tf.reduce_sum(weights, axis=reduction_axes, keepdims=True)
+            if replicas == 1:
+                rows = tf.reduce_sum(tf.ones_like(inputs), axis=reduction_axes, keepdims=True)
+                scale = tf.math.divide_no_nan(rows, count)  # 1 exactly when nothing is masked
+                mean = tf.reduce_mean(inputs * weights, axis=reduction_axes, keepdims=True) * scale
+                squared = tf.math.squared_difference(inputs, mean) * weights
+                variance = tf.reduce_mean(squared, axis=reduction_axes, keepdims=True) * scale
+            else:
+                total, count = ctx.all_reduce(
+                    tf.distribute.ReduceOp.SUM,
+                    [tf.reduce_sum(inputs * weights, axis=reduction_axes, keepdims=True), count],
+                )
+                mean = tf.math.divide_no_nan(total, count)
+                squared = tf.math.squared_difference(inputs, mean) * weights
+                squared = ctx.all_reduce(
+                    tf.distribute.ReduceOp.SUM,
+                    tf.reduce_sum(squared, axis=reduction_axes, keepdims=True),
+                )
+                variance = tf.math.divide_no_nan(squared, count)
         if not keep_dims:
             mean = tf.squeeze(mean, axis=reduction_axes)
             variance = tf.squeeze(variance, axis=reduction_axes)
         return mean, variance
+
+
+@tf.keras.utils.register_keras_serializable(package="metapt_tf")
+class GINNextState(tf.keras.layers.Layer):
+    """The GIN update MLP as a `next_state` of `tfgnn.keras.layers.NodeSetUpdate`.
+
+    Its node input is `CENTER_FEATURE`: nodes where it is negative are padding
+    (`metapt_tf.data.padding`), and the MLP's batch norms leave them out of their
+    statistics (`mask`); the edge input, the pooled GIN messages, goes through the
+    MLP's layers in order. Without padding nodes this is `mlp(messages)`.
+
+    Args:
+      mlp: a `tf.keras.Sequential` of the update's layers.
+    """
+
+    def __init__(self, mlp: tf.keras.Sequential, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp = mlp
+
+    def get_config(self):
+        return dict(mlp=tf.keras.layers.serialize(self.mlp), **super().get_config())
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["mlp"] = tf.keras.layers.deserialize(config["mlp"])
+        return cls(**config)
+
+    def call(self, inputs, training=None):
+        node_input, edge_inputs, context_input = inputs
+        del context_input  # unused
+        mask = tf.greater_equal(node_input, 0.0)
+        net = tf.concat(tf.nest.flatten(edge_inputs), axis=-1)
+        if not self.mlp.built:  # its layers are called one by one below
+            self.mlp.build(tf.TensorShape([None, net.shape[-1]]))
+        for layer in self.mlp.layers:
+            if isinstance(layer, tf.keras.layers.BatchNormalization):
+                net = layer(net, training=training, mask=mask)
+            elif isinstance(layer, tf.keras.layers.Dropout):
+                net = layer(net, training=training)
+            else:
+                net = layer(net)
+        return net
 
 
 @tf.keras.utils.register_keras_serializable(package="metapt_tf")
@@ -369,10 +466,10 @@ def gin_backbone(
             node_sets={
                 NODE_SET: tfgnn.keras.layers.NodeSetUpdate(
                     {EDGE_SET: GINConv(units, name="conv")},
-                    tfgnn.keras.layers.NextStateFromConcat(
-                        tf.keras.Sequential(mlp, name=f"{prefix}_mlp"), name="next_state"
-                    ),
-                    node_input_feature=None,  # GIN: the self term is the self-loop message
+                    GINNextState(tf.keras.Sequential(mlp, name=f"{prefix}_mlp"), name="next_state"),
+                    # GIN: the self term is the self-loop message; the node input only
+                    # marks padding nodes for the batch norms.
+                    node_input_feature=CENTER_FEATURE,
                     name="node_set_update",
                 )
             },
@@ -402,7 +499,7 @@ def gin_backbone(
 
 def _batch_norm(name: str) -> tf.keras.layers.BatchNormalization:
     return TwiceDifferentiableBatchNorm(
-        momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, name=name
+        momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, synchronized=True, name=name
     )
 
 

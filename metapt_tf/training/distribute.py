@@ -1,7 +1,7 @@
 """Distribution strategies and mixed precision for the online meta-PT loop.
 
 `config.meta.distribute` names the strategy ("default", "mirrored",
-"multi_worker_mirrored"); `make_strategy` builds it, and the problem is built in
+"multi_worker_mirrored", "tpu"); `make_strategy` builds it, and the problem is built in
 `scope(strategy, config.meta.mixed_precision)` so that its variables belong to
 the strategy (and its layers get the mixed-precision policy):
 
@@ -16,7 +16,10 @@ How one step is split over R replicas (the loop's compiled steps, `online._Loop`
   single-device run, from the same pipelines (so their iterators checkpoint as
   before); `pt_batch_fn` is applied once to the global batch, and replica r
   takes rows [r B/R, (r+1) B/R) of it (`Replicas.shard`). B must be a static
-  multiple of R.
+  multiple of R. A batch without such a leading dimension (a GraphTensor of
+  ego-graphs) is cut by the problem's `pt_shard_fn` instead; for graphs, the
+  global batch is R blocks padded to the same fixed sizes, and replica r takes
+  block r (`metapt_tf.data.padding`).
 * PT steps. Each replica's loss is its shard's loss divided by R, so the sum over
   replicas is the global mean loss; the optimizer all-reduces (sums) the
   gradients and every replica applies the same update.
@@ -55,13 +58,21 @@ checkpoints to a temporary directory that is deleted at the end (TensorFlow's
 documented pattern). All workers resume from the chief's checkpoints, so the
 workdir must be on a filesystem every worker reads.
 
-TPU. The per-replica functions hold everything that runs on the accelerator and
-nothing else: batches are read, `pt_batch_fn` applied, FT heads drawn and
-variables of the loop updated outside them; inside, there is no host-side Python
-(no `.numpy()`, no Python branching on tensor values, the solvers' loops are
-Python loops or `tf.while_loop`s) and every shape is static given static batch
-shapes (`drop_remainder=True`; the shard size is B/R). That is what a TPU
-program needs; no TPU strategy is offered by this module and none is tested.
+TPU. "tpu" builds a `TPUStrategy` on the TPU `config.meta.devices` names (a
+Cloud TPU name or a grpc:// address; "" for the TPU of a TPU VM or of the
+TPU_NAME environment variable), after connecting to it and initialising it;
+where none is reachable, `make_strategy` raises a ValueError that says so. The
+per-replica functions hold everything that runs on the accelerator and nothing
+else: batches are read, `pt_batch_fn` applied, FT heads drawn and variables of
+the loop updated outside them; inside, there is no host-side Python (no
+`.numpy()`, no Python branching on tensor values, the solvers' loops are Python
+loops or `tf.while_loop`s) and every shape is static given static batch shapes
+(`drop_remainder=True`; the shard size is B/R; graph batches padded to fixed
+sizes). That is what a TPU program needs. No TPU hardware is tested: what is
+tested is the compiled path on CPU (the GIN PT step and meta-gradient on padded
+graphs compile with XLA, `jit_compile=True`, and match the unpadded,
+uncompiled computation; padded graphs have fully static shapes) and the error
+without a TPU.
 
 Mixed precision (`config.meta.mixed_precision`): "mixed_bfloat16" or
 "mixed_float16" computes the backbone (PT and FT) in 16 bits with float32
@@ -84,7 +95,7 @@ from collections.abc import Iterator, Sequence
 import ml_collections
 import tensorflow as tf
 
-STRATEGIES = ("default", "mirrored", "multi_worker_mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 # One strategy per process and device set: two Mirrored strategies over the same
@@ -107,8 +118,14 @@ def make_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
       names, e.g. "/gpu:0,/gpu:1"; empty: every local GPU, else the CPU).
     "multi_worker_mirrored": `MultiWorkerMirroredStrategy` over the cluster in
       `TF_CONFIG`; call this before any other TensorFlow op of the program.
+    "tpu": `TPUStrategy` on the TPU `config.devices` names (see the module
+      docstring); call this before any other TensorFlow op of the program.
 
     Within a process, the same name and devices give the same strategy object.
+
+    Raises:
+      ValueError: an unknown name, devices given where they are not used, no
+        TF_CONFIG for "multi_worker_mirrored", or no reachable TPU for "tpu".
     """
     name = config.distribute
     if name not in STRATEGIES:
@@ -116,6 +133,8 @@ def make_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
             f"config.meta.distribute must be one of {STRATEGIES}. "
             f"Received: config.meta.distribute={name!r}."
         )
+    if name == "tpu":
+        return _tpu_strategy(config.devices)
     devices = _parse_devices(config.devices)
     if devices and name != "mirrored":
         raise ValueError(
@@ -139,8 +158,38 @@ def make_strategy(config: ml_collections.ConfigDict) -> tf.distribute.Strategy:
     return _STRATEGIES[key]
 
 
+def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+    """A `TPUStrategy` on the TPU named `tpu` (connected and initialised once per process)."""
+    if not isinstance(tpu, str):
+        raise ValueError(
+            "config.meta.devices must name the TPU (a string) with distribute='tpu'. "
+            f"Received: config.meta.devices={tpu!r}."
+        )
+    key = ("tpu", tpu.strip())
+    if key not in _STRATEGIES:
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu.strip())
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        # The resolver and the connection fail in many ways (no name, no metadata
+        # server, no such TPU, a TPU that does not answer): each means "no TPU here".
+        except Exception as e:
+            raise ValueError(
+                "config.meta.distribute='tpu' needs a reachable TPU, named by "
+                'config.meta.devices (a Cloud TPU name or a grpc:// address; "" for the '
+                "TPU of a TPU VM or of the TPU_NAME environment variable). Received: "
+                f"config.meta.devices={tpu!r}, and no TPU could be reached "
+                f"({type(e).__name__}: {e}). Use distribute='default' or 'mirrored' "
+                "without a TPU."
+            ) from e
+        _STRATEGIES[key] = tf.distribute.TPUStrategy(resolver)
+    return _STRATEGIES[key]
+
+
 def strategy_kind(strategy: tf.distribute.Strategy) -> str:
     """The `config.meta.distribute` name of `strategy`, or its class name if it has none."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return "multi_worker_mirrored"
     if isinstance(strategy, tf.distribute.MirroredStrategy):
@@ -177,11 +226,13 @@ def check_variables(strategy: tf.distribute.Strategy, variables: Sequence, what:
 
 
 def check_jit(strategy: tf.distribute.Strategy) -> None:
-    """jit_compile under a multi-replica strategy needs XLA all-reduces: GPU replicas only."""
+    """jit_compile under a multi-replica strategy needs XLA all-reduces: GPU (or TPU)
+    replicas only; on CPU replicas it is refused."""
     if strategy.num_replicas_in_sync == 1 and strategy_kind(strategy) == "default":
         return
     devices = list(strategy.extended.worker_devices)
-    if not all("GPU" in tf.DeviceSpec.from_string(d).device_type.upper() for d in devices):
+    kinds = [(tf.DeviceSpec.from_string(d).device_type or "").upper() for d in devices]
+    if not all(kind in ("GPU", "TPU") for kind in kinds):
         raise ValueError(
             "config.meta.jit_compile=True under a "
             f"{strategy_kind(strategy)} strategy needs GPU replicas: TensorFlow compiles "
@@ -253,12 +304,15 @@ class Replicas:
         self.strategy = strategy
         self.num_replicas = int(strategy.num_replicas_in_sync)
 
-    def shard(self, batch, what: str = "PT batch"):
-        """This replica's contiguous 1/R of every tensor of a global batch."""
+    def shard(self, batch, what: str = "PT batch", shard_fn=None):
+        """This replica's contiguous 1/R of every tensor of a global batch, or
+        `shard_fn(batch, R, replica_id)` where given (a problem's `pt_shard_fn`)."""
         if self.num_replicas == 1:
             return batch
         r = self.num_replicas
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        if shard_fn is not None:
+            return shard_fn(batch, r, replica)
 
         def split(x):
             if not isinstance(x, tf.Tensor):

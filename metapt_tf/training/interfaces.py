@@ -44,6 +44,14 @@ class MetaPretrainProblem:
         For losses with randomness (e.g. augmented views): draw it here, from a
         generator in `checkpoint_extras`, and every evaluation of the PT loss in
         one meta-step (gradient, HVPs, mixed term) sees the same draw.
+      pt_shard_fn: optional `(batch, num_replicas, replica_id) -> batch`: under a
+        strategy with R > 1 replicas, replica `replica_id` (a scalar tensor) takes
+        its piece of the global PT batch (after `pt_batch_fn`) with it, inside the
+        compiled per-replica step. The piece's `pt_loss_fn`, divided by R by the
+        loop, must be its share of the global batch's loss. None: the contiguous
+        1/R of every tensor's leading dimension (`distribute.Replicas.shard`).
+        For batches without a leading batch dimension, e.g. padded GraphTensors
+        (`metapt_tf.data.padding.shard_batch`).
       checkpoint_extras: optional trackables (e.g. that generator, or a module
         with non-trainable state) saved and restored with the loop's checkpoint.
         The backbone's non-trainable variables (batch-norm statistics) are
@@ -61,6 +69,7 @@ class MetaPretrainProblem:
     pt_head_params: list[tf.Variable] | None = None
     describe_fn: Callable[[], dict[str, Any]] | None = None
     pt_batch_fn: Callable[[Batch], Batch] | None = None
+    pt_shard_fn: Callable[[Batch, int, tf.Tensor], Batch] | None = None
     checkpoint_extras: Mapping[str, Any] | None = None
 
     def __post_init__(self):

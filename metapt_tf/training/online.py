@@ -47,7 +47,8 @@ TensorBoard scalars, histograms and images go to `workdir`, and a progress line
 with rate and ETA to `log` at every logging step.
 
 The loop runs under the `tf.distribute` strategy `config.meta.distribute` names
-(one device by default, `MirroredStrategy`, `MultiWorkerMirroredStrategy`),
+(one device by default, `MirroredStrategy`, `MultiWorkerMirroredStrategy`,
+`TPUStrategy`),
 optionally in mixed precision (`config.meta.mixed_precision`); `distribute`
 says how each step is split over the replicas. The compiled steps read batches
 and update the loop's variables in cross-replica context and leave the
@@ -122,6 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.jit_compile = False  # XLA-compile the per-replica meta-step (GPU replicas if R > 1)
     c.distribute = "default"  # one of distribute.STRATEGIES
     c.devices = ""  # "mirrored": comma-separated devices, e.g. "/gpu:0,/gpu:1"; "": all GPUs
+    # ("tpu": the TPU's name or grpc:// address; "": the TPU VM's own or TPU_NAME)
     c.mixed_precision = "none"  # or "mixed_bfloat16", "mixed_float16" (distribute.PRECISIONS)
     return c
 
@@ -186,8 +188,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     choice("mixed_precision", distribute.PRECISIONS)
     if not isinstance(c.devices, str):
         raise _fail("devices", c.devices, 'a string of comma-separated devices (or "")')
-    if c.devices.strip() and c.distribute != "mirrored":
-        raise _fail("devices", c.devices, "\"\" unless config.meta.distribute is 'mirrored'")
+    if c.devices.strip() and c.distribute not in ("mirrored", "tpu"):
+        raise _fail(
+            "devices",
+            c.devices,
+            "\"\" unless config.meta.distribute is 'mirrored' (devices) or 'tpu' (its name)",
+        )
     for field in ("meta_enabled", "head_steps_during_pt", "jit_compile"):
         if not isinstance(c[field], bool):
             raise _fail(field, c[field], "a bool")
@@ -444,10 +450,14 @@ class _Loop:
             batch = self.problem.pt_batch_fn(batch)
         return batch
 
+    def _shard(self, batch):
+        """This replica's piece of a global PT batch (the problem's `pt_shard_fn` if any)."""
+        return self.replicas.shard(batch, shard_fn=self.problem.pt_shard_fn)
+
     # Per-replica functions: arithmetic only, no iterators and no loop variables written.
     def _replica_pt_step(self, batch):
         with tf.GradientTape() as tape:
-            loss = self._pt_loss(self.replicas.shard(batch))
+            loss = self._pt_loss(self._shard(batch))
             scaled = self.pt_optimizer.get_scaled_loss(loss) if self.loss_scaled else loss
         grads = tape.gradient(scaled, self.pt_params)
         if self.loss_scaled:
@@ -476,9 +486,7 @@ class _Loop:
             # reaches them. Nothing is copied back; PT keeps training its head.
             head = list(self.problem.pt_head_params)
             state = self.ft_rule.init([h.read_value() for h in head])
-        result = self.meta_gradient(
-            self.replicas.shard(pt_batch), ft_batches, val_batch, head, state
-        )
+        result = self.meta_gradient(self._shard(pt_batch), ft_batches, val_batch, head, state)
         out = {
             "grads": result.meta_grads,
             "ft_val_loss": result.ft_val_loss,

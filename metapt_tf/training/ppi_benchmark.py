@@ -26,6 +26,20 @@ others). Meta-PT splits its FT graphs into FT-train / FT-val
 (`meta_val_fraction`). Every method ends with fine-tuning a fresh head on the
 setting's labelled FT graphs and the per-task test ROC-AUC, averaged over tasks.
 
+Strategies (`config.meta.distribute`): "default" runs everything on one device.
+"mirrored" runs meta-PT and the PT baselines that go through `online.run`
+(supervised PT, PT with ground-truth weights) data-parallel over the replicas:
+each PT batch of B ego-graphs is read as R blocks of B/R graphs, each padded to
+the same fixed sizes (`metapt_tf.data.padding`), and replica r takes block r
+(`MetaPretrainProblem.pt_shard_fn`); losses count real graphs only, and the
+GIN's batch norms are synchronised across replicas, so every step computes the
+one-device step's quantities (up to summation order). HVPs must then be
+reverse-over-reverse. CoTrain and CoTrain + PCGrad (`multitask.cotrain`) run on
+one device, on the same padded batches; fine-tuning and evaluation run as
+`finetune.finetune_multilabel` does. Multi-worker and TPU strategies are refused
+here (the rest of the benchmark is single-process); the online loop itself
+accepts them.
+
 Everything lands in `workdir`: the dataset (`data/`, generated once), one
 directory per seed/setting/method (checkpoints, TensorBoard, `result.json`;
 finished parts are skipped when the run is restarted), `results.json`,
@@ -45,10 +59,10 @@ import tensorflow as tf
 import tensorflow_gnn as tfgnn
 
 import export
-from metapt_tf.data import graphs, synthetic_ppi
+from metapt_tf.data import graphs, padding, synthetic_ppi
 from metapt_tf.meta_params import TaskWeights
 from metapt_tf.models import gin_backbone
-from metapt_tf.training import finetune, interfaces, multitask, online, reporting
+from metapt_tf.training import distribute, finetune, interfaces, multitask, online, reporting
 from metapt_tf.training.config_checks import config_error
 
 METHODS = ("no_pt", "supervised_pt", "oracle_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
@@ -62,6 +76,7 @@ METHOD_NAMES = {
     "meta_pt": "Meta-parameterized PT",
 }
 SOURCES = ("synthetic", "tfrecord")
+DISTRIBUTE = ("default", "mirrored")  # config.meta.distribute values this benchmark runs
 FILES = ("pt.tfrecord", "ft_train.tfrecord", "test.tfrecord")
 SCHEMA_FILE = "schema.pbtxt"
 TASK_INFO_FILE = "task_info.json"
@@ -108,12 +123,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if f.learning_rate <= 0:
         raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
-    if config.meta.distribute != "default" or config.meta.mixed_precision != "none":
-        # GraphTensor batches have no leading batch dimension to split over replicas.
-        field = "distribute" if config.meta.distribute != "default" else "mixed_precision"
+    m = config.meta
+    if m.distribute not in DISTRIBUTE:
+        # online.run would run on every worker (or the TPU); this binary's CoTrain,
+        # fine-tuning, evaluation and export are single-process.
+        raise config_error("meta.distribute", m.distribute, f"one of {DISTRIBUTE} here")
+    if m.mixed_precision != "none":
         raise config_error(
-            f"meta.{field}", config.meta[field], "its default: the benchmark runs on one device"
+            "meta.mixed_precision", m.mixed_precision, "'none': the GIN runs in float32 here"
         )
+    if m.distribute == "mirrored":
+        if m.hvp_mode != "reverse_over_reverse":
+            # The synchronised batch norms all-reduce inside the PT loss; forward-mode
+            # tangents do not pass through those all-reduces correctly.
+            raise config_error(
+                "meta.hvp_mode",
+                m.hvp_mode,
+                "'reverse_over_reverse' with meta.distribute='mirrored' (the GIN's batch "
+                "norms are synchronised across replicas, which forward-mode HVPs do not support)",
+            )
+        replicas = len([x for x in m.devices.split(",") if x.strip()])
+        for field in ("pt_batch_size", "meta_pt_batch_size"):
+            if replicas and d[field] % replicas:
+                raise config_error(
+                    f"data.{field}", d[field], f"a multiple of the {replicas} config.meta.devices"
+                )
 
 
 # ---------------------------------------------------------------------------
@@ -236,17 +270,34 @@ def make_setting(name: str, data: _Data, config, seed: int) -> _Setting:
     )
 
 
-def _pt_dataset(data: _Data, config, seed: int, batch_size: int) -> tf.data.Dataset:
+def _pt_dataset(
+    data: _Data,
+    config,
+    seed: int,
+    batch_size: int,
+    shards: int = 0,
+) -> tf.data.Dataset:
+    """PT batches {"graph", "pt_labels"} of `batch_size` ego-graphs.
+
+    With `shards` = R >= 1, global batches for R replicas padded to fixed sizes
+    (`padding.padded_dataset`, with `padding.MASK_KEY`): R blocks of
+    `batch_size` / R graphs, the same graphs in the same order as unpadded.
+    """
+    per_block = batch_size // shards if shards else batch_size
     ds = graphs.load_dataset(
         data.path("pt.tfrecord"),
         data.schema,
-        batch_size=batch_size,
+        batch_size=per_block,
         shuffle=True,
         seed=seed,
         repeat=True,
         drop_remainder=True,
     )
-    return ds.map(lambda b: {"graph": b["graph"], "pt_labels": b[graphs.PT_LABELS]})
+    ds = ds.map(lambda b: {"graph": b["graph"], "pt_labels": b[graphs.PT_LABELS]})
+    if not shards:
+        return ds
+    constraints = padding.size_constraints(data.path("pt.tfrecord"), data.schema, per_block)
+    return padding.padded_dataset(ds, constraints, shards)
 
 
 def _ft_dataset(
@@ -286,12 +337,20 @@ def _make_backbone(config, spec, dropout: float) -> tf.keras.Model:
     )
 
 
-def _weighted_bce(logits, labels, weights=None):
-    """Mean over batch and tasks of w_t * BCE (the paper's PT loss)."""
+def _weighted_bce(logits, labels, weights=None, mask=None):
+    """Mean over batch and tasks of w_t * BCE (the paper's PT loss); with `mask`
+    (a padded batch), over its real graphs only."""
     bce = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(labels, logits.dtype), logits)
     if weights is not None:
         bce = bce * weights[tf.newaxis, :]
+    if mask is not None:
+        return padding.masked_mean(bce, mask)
     return tf.reduce_mean(bce)
+
+
+def _pt_loss(pt_head, backbone, batch, weights=None):
+    logits = pt_head(backbone(batch["graph"], training=True))
+    return _weighted_bce(logits, batch["pt_labels"], weights, batch.get(padding.MASK_KEY))
 
 
 def _dense_head(units: int, feature_dim: int, name: str) -> tf.keras.layers.Dense:
@@ -314,11 +373,25 @@ class _Runner:
 
     def __init__(self, config, data: _Data, workdir: str, seed: int, say):
         self.config, self.data, self.workdir, self.seed, self.say = config, data, workdir, seed, say
-        self.pt_data = _pt_dataset(data, config, seed, config.data.pt_batch_size)
+        # Meta-PT and the PT baselines (online.run) under config.meta.distribute;
+        # with several replicas their PT batches are padded graphs cut per replica.
+        self.strategy = distribute.make_strategy(config.meta)
+        replicas = int(self.strategy.num_replicas_in_sync)
+        shards = replicas if distribute.strategy_kind(self.strategy) != "default" else 0
+        for field in ("pt_batch_size", "meta_pt_batch_size"):
+            if shards and config.data[field] % shards:
+                raise config_error(
+                    f"data.{field}", config.data[field], f"a multiple of the {shards} replicas"
+                )
+        self.padded = bool(shards)
+        self.pt_data = _pt_dataset(data, config, seed, config.data.pt_batch_size, shards)
         # The meta-step's PT batch: larger than a PT step's, so that every task's
         # weight gets a less noisy meta-gradient.
-        self.meta_pt_data = _pt_dataset(data, config, seed + 3, config.data.meta_pt_batch_size)
-        self.spec = self.pt_data.element_spec["graph"]
+        self.meta_pt_data = _pt_dataset(
+            data, config, seed + 3, config.data.meta_pt_batch_size, shards
+        )
+        # The models' input: unpadded graphs (gin_backbone relaxes the sizes).
+        self.spec = _pt_dataset(data, config, seed, config.data.pt_batch_size).element_spec["graph"]
         self.pt_steps = config.meta.warmup_steps + (
             config.meta.num_meta_steps * config.meta.pt_steps_per_meta_step
         )
@@ -353,14 +426,14 @@ class _Runner:
         """
         c = self.config
         tf.keras.utils.set_random_seed(self.seed)
-        backbone = self.backbone(c.model.pt_dropout)
-        feature_dim = int(backbone.output_shape[-1])
-        pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
-        weights = TaskWeights(self.data.num_pt_tasks)
+        with distribute.scope(self.strategy, c.meta.mixed_precision):
+            backbone = self.backbone(c.model.pt_dropout)
+            feature_dim = int(backbone.output_shape[-1])
+            pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
+            weights = TaskWeights(self.data.num_pt_tasks)
 
         def pt_loss_fn(batch):
-            logits = pt_head(backbone(batch["graph"], training=True))
-            return _weighted_bce(logits, batch["pt_labels"], weights.all_weights())
+            return _pt_loss(pt_head, backbone, batch, weights.all_weights())
 
         describe_fn = None
         if describe and self.data.task_kinds is not None:
@@ -380,6 +453,7 @@ class _Runner:
             ft_label_key="labels",
             ft_multilabel=True,
             describe_fn=describe_fn,
+            pt_shard_fn=padding.shard_batch if self.padded else None,
         )
         return problem, weights
 
@@ -414,6 +488,7 @@ class _Runner:
             workdir=run_dir,
             log=self.say,
             meta_pt_data=self.meta_pt_data,
+            strategy=self.strategy,
         )
         extra = {"pt_steps": result.pt_steps, "meta_steps": result.meta_steps}
         if meta:
@@ -432,10 +507,8 @@ class _Runner:
         pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
         ft_head = _dense_head(len(setting.meta_tasks), feature_dim, "ft_head")
 
-        def pt_loss_fn(batch):
-            return _weighted_bce(
-                pt_head(backbone(batch["graph"], training=True)), batch["pt_labels"]
-            )
+        def pt_loss_fn(batch):  # on one device, padded batches included
+            return _pt_loss(pt_head, backbone, batch)
 
         def ft_loss_fn(batch):
             return _weighted_bce(ft_head(backbone(batch["graph"], training=True)), batch["labels"])

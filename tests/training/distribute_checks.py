@@ -7,6 +7,8 @@ and prints one JSON line (prefixed by RESULT_MARKER) with what it measured:
     python tests/training/distribute_checks.py mirrored    # 2 logical CPUs, one process
     python tests/training/distribute_checks.py worker OUT  # one MultiWorkerMirrored worker
                                                            # (TF_CONFIG set by the caller)
+    python tests/training/distribute_checks.py gin         # GIN meta-PT on padded graphs,
+                                                           # 2 logical CPUs
 """
 
 import os
@@ -21,6 +23,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import gin_checks  # noqa: E402 (same directory)
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -347,10 +350,86 @@ def worker(out_path: str) -> None:
         json.dump(report, f)
 
 
+def gin_checks_mirrored() -> dict:
+    """The GIN (PPI) problem on padded graph batches, one block per replica: one
+    meta-gradient in float64 against the single-device one on the same global
+    (unpadded) batches; the same on one device with padded batches and an
+    XLA-compiled meta-step; and the benchmark's smoke variant under MirroredStrategy."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.experimental.enable_op_determinism()
+    out = {"logical_cpus": len(tf.config.list_logical_devices("CPU"))}
+    directory = tempfile.mkdtemp()
+    schema = gin_checks.write_data(directory)
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("float64")
+    try:
+        out["meta_gradient"] = {
+            "default": _timed(
+                "gin default",
+                gin_checks.one_meta_gradient,
+                directory,
+                schema,
+                _strategy("default"),
+                shards=0,
+            ),
+            "mirrored": _timed(
+                "gin mirrored",
+                gin_checks.one_meta_gradient,
+                directory,
+                schema,
+                _strategy("mirrored"),
+                shards=2,
+                devices=DEVICES,
+            ),
+            # The TPU-style program on one device: padded batches, XLA-compiled meta-step.
+            "xla": _timed(
+                "gin padded xla",
+                gin_checks.one_meta_gradient,
+                directory,
+                schema,
+                _strategy("default"),
+                shards=1,
+                jit_compile=True,
+            ),
+        }
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+    out["ppi_smoke"] = _timed("ppi smoke mirrored", ppi_smoke_mirrored)
+    return out
+
+
+def ppi_smoke_mirrored() -> dict:
+    """configs/ppi_multitask.py:smoke with meta.distribute='mirrored' over both CPUs
+    (meta-PT in the full setting: online.run, fine-tuning, the test)."""
+    from metapt_tf.training import ppi_benchmark  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("c", ROOT / "configs" / "ppi_multitask.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = ml_collections.ConfigDict(module.get_config("smoke").to_dict())
+    c.settings, c.methods = ("full",), ("meta_pt",)
+    c.export = False
+    c.meta.distribute, c.meta.devices = "mirrored", DEVICES
+    workdir = tempfile.mkdtemp()
+    results = ppi_benchmark.run(c, workdir, log=None)
+    runs = {r["method"]: r for r in results["runs"]}
+    meta = json.loads(Path(workdir, "seed_0", "full", "meta_pt", "result.json").read_text())
+    return {
+        "methods": sorted(runs),
+        "meta_steps": meta["meta_steps"],
+        "skipped_meta_steps": meta["skipped_meta_steps"],
+        "task_weights": list(meta["task_weights"]),
+        "test_auc": {m: r["test_auc"] for m, r in runs.items()},
+    }
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "mirrored":
         print(RESULT_MARKER + json.dumps(mirrored_checks()), flush=True)
+    elif sys.argv[1] == "gin":
+        print(RESULT_MARKER + json.dumps(gin_checks_mirrored()), flush=True)
     elif sys.argv[1] == "worker":
         worker(sys.argv[2])
     else:
-        raise SystemExit(f"Unknown check {sys.argv[1]!r}; expected 'mirrored' or 'worker'.")
+        raise SystemExit(f"Unknown check {sys.argv[1]!r}; expected 'mirrored', 'gin' or 'worker'.")

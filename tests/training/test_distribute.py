@@ -202,7 +202,7 @@ def test_two_workers_on_loopback_resume_and_end_with_the_same_phi(tmp_path):
 
 def test_config_fields_and_strategy_mismatches_are_named(monkeypatch):
     c = online.default_config()
-    c.distribute = "tpu"
+    c.distribute = "parameter_server"
     with pytest.raises(ValueError, match=r"config.meta.distribute must be one of \('default', "):
         online.validate_config(c)
     c = online.default_config()
@@ -241,6 +241,6 @@ def test_binaries_name_the_strategies_they_cannot_run():
     with pytest.raises(ValueError, match=r"data.pt_batch_size must be a multiple of the 3 config"):
         mnist_experiments.validate_config(c)
     c = _experiment_config("ppi_multitask")
-    c.meta.distribute = "mirrored"
-    with pytest.raises(ValueError, match="config.meta.distribute must be its default: the bench"):
+    c.meta.distribute = "multi_worker_mirrored"
+    with pytest.raises(ValueError, match=r"config.meta.distribute must be one of .* here"):
         ppi_benchmark.validate_config(c)

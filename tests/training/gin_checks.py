@@ -1,0 +1,151 @@
+"""A tiny PPI-like GIN meta-PT problem on padded and unpadded graph batches, for the
+tests of padding, XLA compilation and MirroredStrategy (test_ppi_distribute.py, and
+distribute_checks.py in a subprocess with 2 logical CPUs).
+
+The problem is the benchmark's (`ppi_benchmark._pt_loss`: task-weighted BCE over
+real graphs), on a GIN without dropout (dropout draws differ with the batch's
+shape), in the dtype of the Keras policy in force.
+"""
+
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from metapt_tf.data import graphs, padding, synthetic_ppi
+from metapt_tf.meta_params import TaskWeights
+from metapt_tf.models import gin_backbone
+from metapt_tf.training import distribute, interfaces, online, ppi_benchmark
+
+NUM_PT_TASKS, NUM_FT_TASKS, BATCH = 6, 3, 8
+
+
+def write_data(directory: str):
+    """The tiny synthetic benchmark in `directory`; returns its schema."""
+    synthetic_ppi.write_synthetic_benchmark(
+        directory,
+        num_pt_graphs=32,
+        num_ft_graphs=16,
+        num_test_graphs=4,
+        num_pt_tasks=NUM_PT_TASKS,
+        num_ft_tasks=NUM_FT_TASKS,
+        seed=0,
+    )
+    return graphs.read_schema(os.path.join(directory, "schema.pbtxt"))
+
+
+def _options(ds):
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.inject_prefetch = False
+    return ds.with_options(options)
+
+
+def pt_data(directory, schema, shards: int, seed: int = 0, batch: int = BATCH):
+    """PT batches of `batch` graphs: unpadded (shards=0) or padded for `shards` replicas."""
+    path = os.path.join(directory, "pt.tfrecord")
+    ds = graphs.load_dataset(
+        path,
+        schema,
+        batch_size=batch // shards if shards else batch,
+        shuffle=True,
+        seed=seed,
+        repeat=True,
+        drop_remainder=True,
+    ).map(lambda b: {"graph": b["graph"], "pt_labels": b[graphs.PT_LABELS]})
+    if shards:
+        per_block = batch // shards
+        ds = padding.padded_dataset(ds, padding.size_constraints(path, schema, per_block), shards)
+    return _options(ds)
+
+
+def ft_data(directory, schema, seed: int):
+    ds = graphs.load_dataset(
+        os.path.join(directory, "ft_train.tfrecord"),
+        schema,
+        batch_size=4,
+        shuffle=True,
+        seed=seed,
+        repeat=True,
+        drop_remainder=True,
+    ).map(lambda b: {"graph": b["graph"], "labels": b[graphs.FT_LABELS]})
+    return _options(ds)
+
+
+def build_problem(spec, *, shard: bool, seed: int = 0):
+    """The GIN problem (variables in the Keras policy's dtype); `shard`: padded batches
+    cut per replica (`padding.shard_batch`)."""
+    tf.keras.utils.set_random_seed(seed)
+    backbone = gin_backbone(spec, num_layers=2, hidden_units=8, dropout_rate=0.0)
+    feature_dim = int(backbone.output_shape[-1])
+    pt_head = tf.keras.layers.Dense(NUM_PT_TASKS, name="pt_head")
+    pt_head.build((None, feature_dim))
+    weights = TaskWeights(NUM_PT_TASKS, dtype=pt_head.kernel.dtype)
+    # Task weights away from 1, so that the meta-gradient is not symmetric in them.
+    weights.variables_list[0].assign(np.linspace(-1.0, 1.0, NUM_PT_TASKS))
+
+    def pt_loss_fn(batch):
+        return ppi_benchmark._pt_loss(pt_head, backbone, batch, weights.all_weights())
+
+    problem = interfaces.MetaPretrainProblem(
+        backbone=backbone,
+        pt_params=backbone.trainable_variables + pt_head.trainable_variables,
+        meta_params=weights.variables_list,
+        pt_loss_fn=pt_loss_fn,
+        num_ft_classes=NUM_FT_TASKS,
+        ft_input_key="graph",
+        ft_label_key="labels",
+        ft_multilabel=True,
+        pt_shard_fn=padding.shard_batch if shard else None,
+    )
+    return problem, weights
+
+
+def loop_config(**overrides) -> ml_collections.ConfigDict:
+    c = online.default_config()
+    c.update(
+        dict(
+            warmup_steps=0,
+            pt_steps_per_meta_step=2,
+            num_meta_steps=2,
+            pt_learning_rate=0.01,
+            ft_learning_rate=0.05,
+            neumann_alpha=0.1,
+            neumann_terms=2,
+            hvp_mode="reverse_over_reverse",
+        )
+    )
+    c.update(overrides)
+    return c
+
+
+def flat(tensors) -> np.ndarray:
+    return np.concatenate([np.reshape(np.asarray(t), [-1]) for t in tensors])
+
+
+def one_meta_gradient(directory, schema, strategy, *, shards: int, **config) -> dict:
+    """Two PT steps, then one meta-gradient, through the online loop's compiled steps."""
+    c = loop_config(distribute=distribute.strategy_kind(strategy), **config)
+    spec = pt_data(directory, schema, 0).element_spec["graph"]
+    with distribute.scope(strategy):
+        problem, weights = build_problem(spec, shard=shards > 1)
+    loop = online._Loop(
+        problem,
+        pt_data(directory, schema, shards),
+        ft_data(directory, schema, 1),
+        ft_data(directory, schema, 2),
+        c,
+        pt_data(directory, schema, shards, seed=3),
+        strategy,
+    )
+    losses, codes, _ = loop.pt_steps(2)
+    out = loop._meta_step_fn()
+    return {
+        "pt_losses": losses.tolist(),
+        "codes": codes.tolist(),
+        "theta": flat([p.numpy() for p in loop.pt_params]).tolist(),
+        "meta_grads": flat([g.numpy() for g in out["grads"]]).tolist(),
+        "ft_val_loss": float(out["ft_val_loss"]),
+        "dtype": weights.phi.dtype.name,
+    }

@@ -1,0 +1,124 @@
+"""The PPI benchmark's GIN meta-PT under tf.distribute and on the TPU-style compiled path.
+
+MirroredStrategy over 2 logical CPUs runs in a subprocess (`distribute_checks.py
+gin`: logical devices must be set before TensorFlow initialises). There, in
+float64: two PT steps and one meta-gradient on padded graph batches cut into one
+block per replica, against the single-device loop on the same unpadded global
+batches (the oracle); the same on one device with padded batches and the
+meta-step compiled with XLA (`jit_compile=True`, what a TPU program needs); and
+the benchmark's smoke variant with meta.distribute='mirrored'. No TPU exists
+here: "tpu" is checked for its error.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import benchmark_binary  # same directory (pytest puts it on sys.path)
+import numpy as np
+import pytest
+
+from metapt_tf.training import distribute, online, ppi_benchmark
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CHECKS = HERE / "distribute_checks.py"
+MARKER = "DISTRIBUTE_CHECK "
+
+
+def _env() -> dict:
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _experiment_config(name: str):
+    return benchmark_binary.load_config(f"configs/{name}.py", None)
+
+
+@pytest.fixture(scope="module")
+def gin():
+    proc = subprocess.run(
+        [sys.executable, str(CHECKS), "gin"],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(lines[-1][len(MARKER) :])
+
+
+def test_gin_meta_gradient_under_mirrored_equals_single_device(gin):
+    assert gin["logical_cpus"] == 2
+    single = gin["meta_gradient"]["default"]
+    dist = gin["meta_gradient"]["mirrored"]
+    assert single["dtype"] == dist["dtype"] == "float64"
+    assert np.linalg.norm(single["meta_grads"]) > 1e-3  # a non-trivial target
+    assert single["codes"] == dist["codes"] == [0, 0]
+    # Each replica's loss is its block's real-graph loss over the global count, and
+    # the batch norms see the global batch's real nodes: float64 summation order only.
+    assert _rel(dist["pt_losses"], single["pt_losses"]) < 1e-12
+    assert _rel(dist["theta"], single["theta"]) < 1e-10
+    assert _rel(dist["meta_grads"], single["meta_grads"]) < 1e-6
+    assert abs(dist["ft_val_loss"] - single["ft_val_loss"]) < 1e-10
+
+
+def test_gin_meta_step_on_padded_graphs_compiles_with_xla(gin):
+    single = gin["meta_gradient"]["default"]
+    xla = gin["meta_gradient"]["xla"]
+    assert _rel(xla["pt_losses"], single["pt_losses"]) < 1e-12
+    assert _rel(xla["meta_grads"], single["meta_grads"]) < 1e-6
+    assert abs(xla["ft_val_loss"] - single["ft_val_loss"]) < 1e-10
+
+
+def test_ppi_smoke_runs_mirrored(gin):
+    smoke = gin["ppi_smoke"]
+    assert smoke["methods"] == ["meta_pt"]
+    assert smoke["meta_steps"] == 2 and smoke["skipped_meta_steps"] == 0
+    weights = np.asarray(smoke["task_weights"])
+    assert np.all(np.isfinite(weights)) and np.abs(weights - 1.0).max() > 1e-3  # phi moved
+    assert 0.0 <= smoke["test_auc"]["meta_pt"] <= 1.0
+
+
+def test_tpu_without_a_tpu_is_a_clear_error():
+    c = online.default_config()
+    c.distribute = "tpu"
+    online.validate_config(c)  # a valid choice; "devices" may name the TPU
+    c.devices = "my-tpu"
+    online.validate_config(c)
+    c.devices = ""
+    with pytest.raises(ValueError) as error:
+        distribute.make_strategy(c)
+    message = str(error.value)
+    assert "config.meta.distribute='tpu' needs a reachable TPU" in message
+    assert "Received: config.meta.devices=''" in message and "no TPU could be reached" in message
+
+
+def test_ppi_config_checks_for_strategies():
+    c = _experiment_config("ppi_multitask")
+    c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1"
+    ppi_benchmark.validate_config(c)  # runs
+    c.meta.hvp_mode = "forward_over_reverse"
+    with pytest.raises(ValueError, match=r"config.meta.hvp_mode must be 'reverse_over_reverse'"):
+        ppi_benchmark.validate_config(c)
+    c = _experiment_config("ppi_multitask")
+    c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1,/cpu:2"
+    with pytest.raises(ValueError, match=r"data.pt_batch_size must be a multiple of the 3 config"):
+        ppi_benchmark.validate_config(c)
+    for name in ("multi_worker_mirrored", "tpu"):
+        c = _experiment_config("ppi_multitask")
+        c.meta.distribute = name
+        with pytest.raises(ValueError, match=r"config.meta.distribute must be one of \('default'"):
+            ppi_benchmark.validate_config(c)
