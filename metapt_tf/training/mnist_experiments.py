@@ -95,6 +95,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise config_error(
                 "augment.ft_angles", a.ft_angles, "a non-empty subset of augment.bin_angles"
             )
+        shift = a.shift_pixels
+        if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < 14:
+            raise config_error("augment.shift_pixels", shift, "an int in [0, 14)")
     if config.model.architecture not in ("mlp", "cnn"):
         raise config_error("model.architecture", config.model.architecture, "one of ('mlp', 'cnn')")
     if config.finetune.mode not in finetune.MODES:
@@ -170,6 +173,7 @@ def _build_problem(config, split: _Split, seed: int):
     pt_head = tf.keras.layers.Dense(NUM_CLASSES, name="pt_head")
     pt_head.build((None, int(backbone.output_shape[-1])))
     pt_params = backbone.trainable_variables + pt_head.trainable_variables
+    extra = {}
 
     if config.experiment == "mnist_noisy_labels":
         weights = ExampleWeights(config.data.num_pt, weighting=config.meta_params.weighting)
@@ -199,6 +203,16 @@ def _build_problem(config, split: _Split, seed: int):
         dist = CategoricalDistribution(num_bins, name="rotation_distribution")
         history: list[np.ndarray] = []
 
+        shift = config.augment.shift_pixels
+        generator = tf.random.Generator.from_seed(seed + 29)
+
+        def pt_batch_fn(batch):
+            # A fixed augmentation under every bin: each PT digit moved by whole
+            # pixels, (dx, dy) uniform in [-shift, shift], drawn once per batch.
+            b = tf.shape(batch["image"])[0]
+            offsets = generator.uniform([b, 2], -shift, shift + 1, dtype=tf.int32)
+            return dict(batch, image=mnist.shift_images(batch["image"], offsets))
+
         def pt_loss_fn(batch):
             images = batch["image"]
             b = tf.shape(images)[0]
@@ -226,6 +240,8 @@ def _build_problem(config, split: _Split, seed: int):
             return out
 
         meta = dist
+        if shift:
+            extra = dict(pt_batch_fn=pt_batch_fn, checkpoint_extras={"shift_generator": generator})
     problem = interfaces.MetaPretrainProblem(
         backbone=backbone,
         pt_params=pt_params,
@@ -234,6 +250,7 @@ def _build_problem(config, split: _Split, seed: int):
         num_ft_classes=NUM_CLASSES,
         pt_head_params=pt_head.trainable_variables,
         describe_fn=describe,
+        **extra,
     )
     return problem, meta
 

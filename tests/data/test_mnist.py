@@ -359,3 +359,38 @@ def test_dataset_errors_name_the_keys_and_lengths():
         data.make_dataset(_arrays(), 21, seed=0)
     with pytest.raises(ValueError, match=r"arrays\['label'\].*scalar"):
         data.make_dataset({"label": np.int64(3)}, 1, seed=0)
+
+
+# --- shift_images ----------------------------------------------------------------------------
+
+
+def _numpy_shift(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """Independent oracle: content moved right by dx and down by dy, zeros shifted in."""
+    out = np.zeros_like(images)
+    h, w = images.shape[:2]
+    for y in range(h):
+        for x in range(w):
+            sy, sx = y - dy, x - dx
+            if 0 <= sy < h and 0 <= sx < w:
+                out[y, x] = images[sy, sx]
+    return out
+
+
+def test_shift_images_moves_whole_pixels():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(4, 28, 28, 1)).astype(np.float32)
+    offsets = np.array([[0, 0], [2, -1], [-3, 2], [1, 1]], np.int32)
+    shifted = data.shift_images(images, offsets).numpy()
+    for i, (dx, dy) in enumerate(offsets):
+        np.testing.assert_array_equal(shifted[i], _numpy_shift(images[i], dx, dy))
+    # Fractional offsets round to whole pixels: still exact copies, no interpolation.
+    np.testing.assert_array_equal(
+        data.shift_images(images[:1], [[1.8, -0.6]]).numpy()[0], _numpy_shift(images[0], 2, -1)
+    )
+
+
+def test_shift_images_errors():
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]. Received: shape=\[28, 28, 1\]"):
+        data.shift_images(tf.zeros([28, 28, 1]), [[0, 0]])
+    with pytest.raises(ValueError, match=r"offsets must have shape \[B, 2\]"):
+        data.shift_images(tf.zeros([2, 28, 28, 1]), tf.zeros([2, 3]))

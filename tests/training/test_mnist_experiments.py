@@ -42,6 +42,48 @@ def test_augment_experiment_learns_a_distribution_and_reports_it(tmp_path):
     assert any(line.startswith("Data: ") for line in lines)
 
 
+def _tiny_augment_problem(c):
+    digits = mnist_experiments.mnist.load_digits(c.data.source)
+    split = mnist_experiments._Split(digits, c, seed=0)
+    problem, dist = mnist_experiments._build_problem(c, split, seed=0)
+    return split, problem, dist
+
+
+def test_augment_shift_draws_are_checkpointed_so_a_resumed_run_ends_with_the_same_phi(tmp_path):
+    c = _config("mnist_augment")
+    c.data.num_pt, c.data.num_ft_val, c.data.num_ft_test = 300, 100, 100
+    c.data.meta_pt_batch_size = 64
+    c.model.hidden_units = (16,)
+    c.meta.warmup_steps, c.meta.pt_steps_per_meta_step = 4, 2
+    c.meta.log_every = c.meta.checkpoint_every = 3
+    c.meta.meta_lr_decay = "none"  # a schedule over num_meta_steps would change with it
+    c.augment.shift_pixels = 2
+
+    split, problem, _ = _tiny_augment_problem(c)
+    batch = {"image": split.x["pt"][:8], "label": split.y["pt"][:8]}
+    shifted = problem.pt_batch_fn(batch)["image"].numpy()
+    assert shifted.shape == batch["image"].shape and not np.array_equal(shifted, batch["image"])
+    assert "shift_generator" in problem.checkpoint_extras
+
+    def run(workdir, num_meta_steps):
+        c.meta.num_meta_steps = num_meta_steps
+        split, problem, dist = _tiny_augment_problem(c)
+        meta = ml_collections.ConfigDict(c.meta.to_dict())
+        mnist_experiments.online.run(
+            problem,
+            **mnist_experiments._datasets(split, c, 0),
+            config=meta,
+            workdir=str(workdir),
+            log=None,
+        )
+        return dist.variables_list[0].numpy()
+
+    straight = run(tmp_path / "straight", 6)
+    run(tmp_path / "resumed", 3)
+    resumed = run(tmp_path / "resumed", 6)
+    np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -49,6 +91,7 @@ def test_augment_experiment_learns_a_distribution_and_reports_it(tmp_path):
         ("seeds", (), "config.seeds must be a non-empty tuple of ints"),
         ("data.pt_batch_size", 10**6, "config.data.pt_batch_size must be <= data.num_pt"),
         ("augment.ft_angles", (45,), "config.augment.ft_angles must be a non-empty subset"),
+        ("augment.shift_pixels", -1, "config.augment.shift_pixels must be an int in [0, 14)"),
         ("finetune.mode", "partial", "config.finetune.mode must be one of"),
         ("meta.head", "shared", "config.meta.head must be one of"),
     ],
@@ -57,7 +100,8 @@ def test_bad_config_values_are_named(field, value, message):
     c = _config("mnist_augment")
     section, _, key = field.rpartition(".")
     (c[section] if section else c)[key] = value
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    with pytest.raises(ValueError, match=escaped):
         mnist_experiments.validate_config(c)
 
 
