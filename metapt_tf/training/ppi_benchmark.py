@@ -48,6 +48,7 @@ in the full setting, `export/<version>/`.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -77,6 +78,7 @@ METHOD_NAMES = {
 }
 SOURCES = ("synthetic", "tfrecord")
 DISTRIBUTE = ("default", "mirrored")  # config.meta.distribute values this benchmark runs
+EVAL_BATCH_SIZE = 256  # test graphs per evaluation batch
 FILES = ("pt.tfrecord", "ft_train.tfrecord", "test.tfrecord")
 SCHEMA_FILE = "schema.pbtxt"
 TASK_INFO_FILE = "task_info.json"
@@ -165,6 +167,7 @@ class _Data:
     num_ft_tasks: int
     num_ft_graphs: int
     task_kinds: list[str] | None  # ground truth per PT task, when known
+    num_test_graphs: int | None = None  # graphs in test.tfrecord, when counted
 
     def path(self, name: str) -> str:
         """The file `name` in the dataset directory, or its GZIP-compressed `name.gz`."""
@@ -226,6 +229,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
         num_ft_tasks=num_ft_tasks,
         num_ft_graphs=counts["ft_train.tfrecord"],
         task_kinds=kinds,
+        num_test_graphs=counts["test.tfrecord"],
     )
 
 
@@ -353,6 +357,11 @@ def _pt_loss(pt_head, backbone, batch, weights=None):
     return _weighted_bce(logits, batch["pt_labels"], weights, batch.get(padding.MASK_KEY))
 
 
+def _ft_loss(ft_head, backbone, batch):
+    logits = ft_head(backbone(batch["graph"], training=True))
+    return _weighted_bce(logits, batch["labels"], mask=batch.get(padding.MASK_KEY))
+
+
 def _dense_head(units: int, feature_dim: int, name: str) -> tf.keras.layers.Dense:
     head = tf.keras.layers.Dense(units, name=name)
     head.build((None, feature_dim))
@@ -384,6 +393,8 @@ class _Runner:
                     f"data.{field}", config.data[field], f"a multiple of the {shards} replicas"
                 )
         self.padded = bool(shards)
+        self.shards = shards
+        self._constraints: dict[tuple[str, int], tfgnn.SizeConstraints] = {}
         self.pt_data = _pt_dataset(data, config, seed, config.data.pt_batch_size, shards)
         # The meta-step's PT batch: larger than a PT step's, so that every task's
         # weight gets a less noisy meta-gradient.
@@ -399,7 +410,15 @@ class _Runner:
     def backbone(self, dropout: float) -> tf.keras.Model:
         return _make_backbone(self.config, self.spec, dropout)
 
-    def ft_data(self, setting: _Setting, which: str, tasks, *, train: bool, repeat=False):
+    def ft_data(
+        self, setting: _Setting, which: str, tasks, *, train: bool, repeat=False, blocks=False
+    ):
+        """FT batches of `which` graphs ("pool", "meta_train", "meta_val", "test").
+
+        With `blocks` under a multi-replica strategy, each batch is a global batch of
+        R padded blocks (`padding.pad_blocks`, with `padding.MASK_KEY`), holding the
+        same graphs in the same order.
+        """
         f = self.config.data
         indices = {
             "pool": setting.ft_graphs,
@@ -407,11 +426,36 @@ class _Runner:
             "meta_val": setting.meta_val,
         }.get(which)
         file = "test.tfrecord" if which == "test" else "ft_train.tfrecord"
-        batch = f.ft_batch_size if train else 256
+        batch = f.ft_batch_size if train else EVAL_BATCH_SIZE
         ds = _ft_dataset(
             self.data, file, indices, tasks, batch_size=batch, seed=self.seed + 7, train=train
         )
+        if blocks and self.padded:
+            count = len(indices) if indices is not None else self.data.num_test_graphs
+            constraints = self.block_constraints(file, min(batch, count or batch))
+            ds = ds.map(lambda b: padding.pad_blocks(b, constraints, self.shards))
         return ds.repeat() if repeat else ds
+
+    def block_constraints(self, file: str, batch_size: int) -> tfgnn.SizeConstraints:
+        """Padding sizes for blocks of ceil(batch_size / R) graphs of `file` (cached)."""
+        per_block = -(-batch_size // self.shards)
+        key = (file, per_block)
+        if key not in self._constraints:
+            self._constraints[key] = padding.size_constraints(
+                self.data.path(file), self.data.schema, per_block
+            )
+        return self._constraints[key]
+
+    def shard_kwargs(self) -> dict:
+        """The strategy and padded-batch options of `finetune` and `multitask` calls."""
+        if not self.padded:
+            return {}
+        return {
+            "strategy": self.strategy,
+            "mask_key": padding.MASK_KEY,
+            # pad_blocks' blocks may hold fewer real graphs than others.
+            "shard_fn": functools.partial(padding.shard_batch, equal_blocks=False),
+        }
 
     # -- pre-training methods ------------------------------------------------
 
@@ -502,16 +546,17 @@ class _Runner:
     def pretrain_cotrain(self, setting: _Setting, run_dir: str, use_pcgrad: bool):
         c = self.config
         tf.keras.utils.set_random_seed(self.seed)
-        backbone = self.backbone(c.model.pt_dropout)
-        feature_dim = int(backbone.output_shape[-1])
-        pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
-        ft_head = _dense_head(len(setting.meta_tasks), feature_dim, "ft_head")
+        with distribute.scope(self.strategy, c.meta.mixed_precision):
+            backbone = self.backbone(c.model.pt_dropout)
+            feature_dim = int(backbone.output_shape[-1])
+            pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
+            ft_head = _dense_head(len(setting.meta_tasks), feature_dim, "ft_head")
 
-        def pt_loss_fn(batch):  # on one device, padded batches included
+        def pt_loss_fn(batch):
             return _pt_loss(pt_head, backbone, batch)
 
         def ft_loss_fn(batch):
-            return _weighted_bce(ft_head(backbone(batch["graph"], training=True)), batch["labels"])
+            return _ft_loss(ft_head, backbone, batch)
 
         result = multitask.cotrain(
             shared_params=backbone.trainable_variables,
@@ -520,13 +565,16 @@ class _Runner:
             pt_loss_fn=pt_loss_fn,
             ft_loss_fn=ft_loss_fn,
             pt_data=self.pt_data,
-            ft_data=self.ft_data(setting, "pool", setting.meta_tasks, train=True, repeat=True),
+            ft_data=self.ft_data(
+                setting, "pool", setting.meta_tasks, train=True, repeat=True, blocks=True
+            ),
             num_steps=self.pt_steps,
             learning_rate=c.cotrain.learning_rate,
             use_pcgrad=use_pcgrad,
             workdir=run_dir,
             log=self.say,
             log_every=c.meta.log_every * c.meta.pt_steps_per_meta_step,
+            **self.shard_kwargs(),
         )
         return backbone, {"pt_steps": result.steps, "conflicts": result.conflicts}
 
@@ -537,8 +585,8 @@ class _Runner:
         return finetune.finetune_multilabel(
             backbone,
             lambda: self.backbone(self.config.model.ft_dropout),
-            self.ft_data(setting, "pool", setting.eval_tasks, train=True),
-            self.ft_data(setting, "test", setting.eval_tasks, train=False),
+            self.ft_data(setting, "pool", setting.eval_tasks, train=True, blocks=True),
+            self.ft_data(setting, "test", setting.eval_tasks, train=False, blocks=True),
             num_tasks=len(setting.eval_tasks),
             input_key="graph",
             label_key="labels",
@@ -546,6 +594,7 @@ class _Runner:
             epochs=f.epochs,
             learning_rate=f.learning_rate,
             seed=self.seed,
+            **self.shard_kwargs(),
         )
 
 
