@@ -35,7 +35,19 @@ The trained weights and metrics equal the single-device ones up to
 floating-point summation order. Batch statistics are not split this way: batch
 norm with `training=True` (full multi-label fine-tuning of a backbone with
 batch norm) normalises each replica's shard by its own moments, padding rows
-included, as in the online loop (`online`).
+included, as in the online loop (`online`), unless the backbone synchronises
+them (the GIN's batch norms do).
+
+Padded batches (`finetune_multilabel` and `predict_multilabel` with `mask_key`):
+batches without a leading dimension to split, such as GraphTensors of
+ego-graphs, come already padded for R replicas (`padding.pad_blocks`: R blocks
+of the same static sizes, a bool mask under `mask_key` marking the real rows),
+and replica r takes the piece `shard_fn(batch, R, r)` cuts. Each replica's loss
+is the sum over its real rows of the per-example loss divided by the global
+batch's number of real rows (blocks may hold different numbers of real
+examples, or none), test predictions are placed in the replica's rows of a zero
+tensor, SUM-reduced and masked, so the real rows come back in order. On one
+device the same mask applies, without a cut.
 """
 
 import contextlib

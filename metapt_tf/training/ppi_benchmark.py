@@ -27,18 +27,25 @@ others). Meta-PT splits its FT graphs into FT-train / FT-val
 setting's labelled FT graphs and the per-task test ROC-AUC, averaged over tasks.
 
 Strategies (`config.meta.distribute`): "default" runs everything on one device.
-"mirrored" runs meta-PT and the PT baselines that go through `online.run`
-(supervised PT, PT with ground-truth weights) data-parallel over the replicas:
-each PT batch of B ego-graphs is read as R blocks of B/R graphs, each padded to
-the same fixed sizes (`metapt_tf.data.padding`), and replica r takes block r
-(`MetaPretrainProblem.pt_shard_fn`); losses count real graphs only, and the
-GIN's batch norms are synchronised across replicas, so every step computes the
-one-device step's quantities (up to summation order). HVPs must then be
-reverse-over-reverse. CoTrain and CoTrain + PCGrad (`multitask.cotrain`) run on
-one device, on the same padded batches; fine-tuning and evaluation run as
-`finetune.finetune_multilabel` does. Multi-worker and TPU strategies are refused
-here (the rest of the benchmark is single-process); the online loop itself
-accepts them.
+"mirrored" runs every training and evaluation step data-parallel over the
+replicas: meta-PT and the PT baselines that go through `online.run` (supervised
+PT, PT with ground-truth weights), CoTrain and CoTrain + PCGrad
+(`multitask.cotrain`), and the final fine-tuning and test predictions
+(`finetune.finetune_multilabel`). Each PT batch of B ego-graphs is read as R
+blocks of B/R graphs, each padded to the same fixed sizes
+(`metapt_tf.data.padding`), and replica r takes block r
+(`MetaPretrainProblem.pt_shard_fn`). FT and test batches, which hold every graph
+once (a last partial batch included), are cut into R blocks of ceil(B/R)
+graphs, as many as there are (`padding.pad_blocks`), and replica r takes block r
+(`padding.shard_batch`). Losses count real graphs only, a replica's loss is its
+share of the global batch's mean, CoTrain all-reduces each task's gradients
+before PCGrad, and the GIN's batch norms are synchronised across replicas, so
+every step computes the one-device step's quantities (up to summation order);
+dropout draws its masks per replica, so with dropout (`model.pt_dropout`,
+`model.ft_dropout`) runs match one device in distribution only. HVPs must be
+reverse-over-reverse. Multi-worker and TPU strategies are refused here (the
+results, figures and export are written by one process); the online loop
+itself accepts them.
 
 Everything lands in `workdir`: the dataset (`data/`, generated once), one
 directory per seed/setting/method (checkpoints, TensorBoard, `result.json`;
