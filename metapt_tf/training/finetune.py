@@ -53,6 +53,7 @@ device the same mask applies, without a cut.
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -357,7 +358,7 @@ def predict_multilabel(
     label_key: str,
     strategy: tf.distribute.Strategy | None = None,
     mask_key: str | None = None,
-    shard_fn=None,
+    shard_fn: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid outputs and labels over one pass of `data` (finite, batched).
 
@@ -432,7 +433,7 @@ def _global_rows(spec, mask_key: str, what: str, num_replicas: int) -> int:
         raise ValueError(
             f"Padded batches split over {num_replicas} replicas need a mask of a static "
             f"length divisible by {num_replicas}: {what}[{mask_key!r}] must be a bool "
-            f"[rows] tensor. Received the element spec {spec!r}."
+            f"[rows] tensor. Received {mask!r}."
         )
     return int(rows)
 
@@ -491,7 +492,7 @@ def finetune_multilabel(
     log=None,
     strategy: tf.distribute.Strategy | None = None,
     mask_key: str | None = None,
-    shard_fn=None,
+    shard_fn: Callable | None = None,
 ) -> MultilabelResult:
     """Fine-tunes a copy of `backbone` with a fresh sigmoid head; per-task test AUC.
 
