@@ -23,12 +23,20 @@ of a batch take it padded instead, with TF-GNN's padding utilities:
   of components, nodes and edges. The global batch is itself a padded batch,
   which one device runs as is, and `shard_batch` cuts replica r's block back
   out (static slices, node indices re-based), with no host-side work.
+* `pad_blocks` makes the same layout from one batch of up to R G graphs, for
+  pipelines that read every graph (fine-tuning, evaluation, co-training's FT
+  batches: a last partial batch, a batch size that R does not divide): block r
+  holds the batch's graphs [r G, (r + 1) G), as many as there are, so blocks
+  may hold fewer than G real graphs, or none.
 
 Losses on padded batches sum over the real graphs only (`MASK_KEY`) and divide
-by the number of real graphs. Every block of a global batch holds exactly G real
-graphs (the batches are cut with `drop_remainder=True`; `shard_batch` checks
-it), so a replica's mean over its block, divided by R as the online loop does,
-is its share of the global mean: the replicas' sum is the one-device loss.
+by the number of real graphs. Every block of a `padded_dataset` batch holds
+exactly G real graphs (the batches are cut with `drop_remainder=True`;
+`shard_batch` checks it), so a replica's mean over its block, divided by R as
+the online loop does, is its share of the global mean: the replicas' sum is the
+one-device loss. Blocks of `pad_blocks` batches are uneven, so a replica's
+share is its sum over its real graphs divided by the global batch's count of
+real graphs (`finetune.finetune_multilabel`, `multitask.cotrain`).
 """
 
 from collections.abc import Mapping
@@ -170,6 +178,145 @@ def padded_dataset(
     )
 
 
+def _component_range(graph: tfgnn.GraphTensor, start, stop) -> tfgnn.GraphTensor:
+    """Components [start, stop) of a scalar GraphTensor, as a GraphTensor of their own
+    (their items in order, edge indices re-based)."""
+
+    def items(piece):
+        """The item range [first, end) of the components, in the piece's index dtype."""
+        offsets = tf.concat([tf.zeros([1], piece.sizes.dtype), tf.cumsum(piece.sizes)], axis=0)
+        return offsets[start], offsets[stop]
+
+    def features(piece, first, end):
+        return {k: v[first:end] for k, v in piece.features.items()}
+
+    node_sets, first_node = {}, {}
+    for name, piece in graph.node_sets.items():
+        first, end = items(piece)
+        first_node[name] = first
+        node_sets[name] = tfgnn.NodeSet.from_fields(
+            sizes=piece.sizes[start:stop], features=features(piece, first, end)
+        )
+    edge_sets = {}
+    for name, piece in graph.edge_sets.items():
+        adjacency = piece.adjacency
+        if type(adjacency) is not tfgnn.Adjacency:
+            raise ValueError(
+                f"pad_blocks handles tfgnn.Adjacency only; edge set {name!r} has a "
+                f"{type(adjacency).__name__}."
+            )
+        first, end = items(piece)
+
+        def indices(tag, adjacency=adjacency, first=first, end=end):
+            node_set = adjacency.node_set_name(tag)
+            offset = tf.cast(first_node[node_set], adjacency[tag].dtype)
+            return (node_set, adjacency[tag][first:end] - offset)
+
+        edge_sets[name] = tfgnn.EdgeSet.from_fields(
+            sizes=piece.sizes[start:stop],
+            adjacency=tfgnn.Adjacency.from_indices(indices(tfgnn.SOURCE), indices(tfgnn.TARGET)),
+            features=features(piece, first, end),
+        )
+    context = tfgnn.Context.from_fields(
+        sizes=graph.context.sizes[start:stop], features=features(graph.context, start, stop)
+    )
+    return tfgnn.GraphTensor.from_pieces(context=context, node_sets=node_sets, edge_sets=edge_sets)
+
+
+def _concat_graphs(blocks: list[tfgnn.GraphTensor]) -> tfgnn.GraphTensor:
+    """Padded GraphTensors of the same static sizes, one after the other in one scalar
+    GraphTensor (what `merge_batch_to_components` makes of them, batched)."""
+
+    def cat(values):
+        return tf.concat(values, axis=0)
+
+    def features(pieces):
+        return {k: cat([p.features[k] for p in pieces]) for k in pieces[0].features}
+
+    first = blocks[0]
+    node_sets = {}
+    for name in first.node_sets:
+        pieces = [g.node_sets[name] for g in blocks]
+        node_sets[name] = tfgnn.NodeSet.from_fields(
+            sizes=cat([p.sizes for p in pieces]), features=features(pieces)
+        )
+    edge_sets = {}
+    for name, piece in first.edge_sets.items():
+        pieces = [g.edge_sets[name] for g in blocks]
+
+        def indices(tag, pieces=pieces, adjacency=piece.adjacency):
+            node_set = adjacency.node_set_name(tag)
+            size = first.node_sets[node_set].spec.total_size  # static: the blocks are padded
+            return (
+                node_set,
+                cat([p.adjacency[tag] + i * size for i, p in enumerate(pieces)]),
+            )
+
+        edge_sets[name] = tfgnn.EdgeSet.from_fields(
+            sizes=cat([p.sizes for p in pieces]),
+            adjacency=tfgnn.Adjacency.from_indices(indices(tfgnn.SOURCE), indices(tfgnn.TARGET)),
+            features=features(pieces),
+        )
+    contexts = [g.context for g in blocks]
+    context = tfgnn.Context.from_fields(
+        sizes=cat([c.sizes for c in contexts]), features=features(contexts)
+    )
+    return tfgnn.GraphTensor.from_pieces(context=context, node_sets=node_sets, edge_sets=edge_sets)
+
+
+def pad_blocks(batch: Mapping, constraints: tfgnn.SizeConstraints, num_shards: int) -> dict:
+    """One batch of up to R G ego-graphs as a global batch of R padded blocks of G.
+
+    For batches whose graph count need not split evenly (fine-tuning and
+    evaluation reading every graph, a last partial batch included): block r
+    holds graphs [r G, (r + 1) G) of the batch, as many as there are (possibly
+    none), padded to `constraints` (`pad_batch`), so that a batch of b graphs
+    fills the first ceil(b / G) blocks. The result has the layout of a
+    `padded_dataset` batch (`shard_batch` with `equal_blocks=False` cuts it), and
+    its real graphs, in `MASK_KEY` order, are the batch's graphs in order.
+
+    Args:
+      batch: as for `pad_batch`, with at most R G graphs.
+      constraints: fit for G ego-graphs (`size_constraints`).
+      num_shards: R.
+
+    Raises:
+      ValueError (eagerly) or tf.errors.InvalidArgumentError (in a graph): the
+      batch holds more than R G graphs.
+    """
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be an int >= 1. Received: num_shards={num_shards!r}.")
+    per_block = int(constraints.total_num_components) - 1
+    graph = batch["graph"]
+    count = tf.cast(graph.num_components, tf.int64)
+    capacity = num_shards * per_block
+    message = (
+        f"pad_blocks: a batch holds more ego-graphs than the {num_shards} blocks of "
+        f"{per_block} the constraints allow ({capacity})"
+    )
+    if tf.executing_eagerly():
+        if int(count) > capacity:
+            raise ValueError(f"{message}. Received {int(count)} graphs.")
+    else:
+        check = tf.debugging.assert_less_equal(count, tf.constant(capacity, tf.int64), message)
+        with tf.control_dependencies([check]):
+            count = tf.identity(count)
+    blocks = []
+    for r in range(num_shards):
+        start = tf.minimum(tf.constant(r * per_block, tf.int64), count)
+        stop = tf.minimum(tf.constant((r + 1) * per_block, tf.int64), count)
+        block = {"graph": _component_range(graph, start, stop)}
+        for key, value in batch.items():
+            if key not in ("graph", MASK_KEY):
+                block[key] = tf.convert_to_tensor(value)[start:stop]
+        blocks.append(pad_batch(block, constraints))
+    out = {"graph": _concat_graphs([b["graph"] for b in blocks])}
+    for key in blocks[0]:
+        if key != "graph":
+            out[key] = tf.concat([b[key] for b in blocks], axis=0)
+    return out
+
+
 def _block(x: tf.Tensor, num_shards: int, shard, what: str) -> tf.Tensor:
     size = x.shape[0] if x.shape.rank else None
     if size is None or size % num_shards:
@@ -227,21 +374,25 @@ def shard_graph(graph: tfgnn.GraphTensor, num_shards: int, shard) -> tfgnn.Graph
     return tfgnn.GraphTensor.from_pieces(context=context, node_sets=node_sets, edge_sets=edge_sets)
 
 
-def shard_batch(batch: Mapping, num_shards: int, shard) -> dict:
-    """Replica `shard`'s block of a global batch of `padded_dataset`.
+def shard_batch(batch: Mapping, num_shards: int, shard, *, equal_blocks: bool = True) -> dict:
+    """Replica `shard`'s block of a global batch of `padded_dataset` or `pad_blocks`.
 
     Args:
       batch: a global batch ({"graph", `MASK_KEY`, labels}).
-      num_shards: R, as given to `padded_dataset`.
+      num_shards: R, as given to `padded_dataset` or `pad_blocks`.
       shard: the replica's index (a scalar tensor in replica context, or an int).
+      equal_blocks: check that every block holds 1/R of the real graphs (what a
+        loss that is the block's mean divided by R needs, as in the online loop).
+        False for `pad_blocks` batches, whose losses divide by the global count.
 
     Returns:
       The block's batch: a padded GraphTensor with G + 1 components, its rows
       of every other tensor, and its mask.
 
     Raises:
-      tf.errors.InvalidArgumentError: when run, if the block does not hold 1/R
-        of the real graphs (its loss share would not be 1/R of the global loss).
+      tf.errors.InvalidArgumentError: when run with `equal_blocks`, if the block
+        does not hold 1/R of the real graphs (its loss share would not be 1/R of
+        the global loss).
     """
     if num_shards == 1:
         return dict(batch)
@@ -251,7 +402,7 @@ def shard_batch(batch: Mapping, num_shards: int, shard) -> dict:
             out[key] = shard_graph(value, num_shards, shard)
         else:
             out[key] = _block(tf.convert_to_tensor(value), num_shards, shard, f"batch[{key!r}]")
-    if MASK_KEY in batch:
+    if equal_blocks and MASK_KEY in batch:
         real = tf.reduce_sum(tf.cast(out[MASK_KEY], tf.int32))
         total = tf.reduce_sum(tf.cast(batch[MASK_KEY], tf.int32))
         check = tf.debugging.assert_equal(
@@ -266,7 +417,8 @@ def shard_batch(batch: Mapping, num_shards: int, shard) -> dict:
 
 
 def masked_mean(values: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:
-    """The mean of `values` [components, ...] over the real components (all, if mask is None)."""
+    """The mean of `values` [components, ...] over the real components (all, if mask is None);
+    0 for a block without real components (a replica's empty block of `pad_blocks`)."""
     if mask is None:
         return tf.reduce_mean(values)
     mask = tf.cast(mask, values.dtype)
@@ -275,4 +427,4 @@ def masked_mean(values: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:
     # Padding rows are zeroed with where, not multiplied: a zero weight would not
     # stop a NaN from the padding.
     real = tf.where(mask > 0, per_graph, tf.zeros_like(per_graph))
-    return tf.reduce_sum(real) / tf.reduce_sum(mask)
+    return tf.reduce_sum(real) / tf.maximum(tf.reduce_sum(mask), 1.0)

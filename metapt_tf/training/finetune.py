@@ -35,12 +35,25 @@ The trained weights and metrics equal the single-device ones up to
 floating-point summation order. Batch statistics are not split this way: batch
 norm with `training=True` (full multi-label fine-tuning of a backbone with
 batch norm) normalises each replica's shard by its own moments, padding rows
-included, as in the online loop (`online`).
+included, as in the online loop (`online`), unless the backbone synchronises
+them (the GIN's batch norms do).
+
+Padded batches (`finetune_multilabel` and `predict_multilabel` with `mask_key`):
+batches without a leading dimension to split, such as GraphTensors of
+ego-graphs, come already padded for R replicas (`padding.pad_blocks`: R blocks
+of the same static sizes, a bool mask under `mask_key` marking the real rows),
+and replica r takes the piece `shard_fn(batch, R, r)` cuts. Each replica's loss
+is the sum over its real rows of the per-example loss divided by the global
+batch's number of real rows (blocks may hold different numbers of real
+examples, or none), test predictions are placed in the replica's rows of a zero
+tensor, SUM-reduced and masked, so the real rows come back in order. On one
+device the same mask applies, without a cut.
 """
 
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -344,19 +357,35 @@ def predict_multilabel(
     input_key: str,
     label_key: str,
     strategy: tf.distribute.Strategy | None = None,
+    mask_key: str | None = None,
+    shard_fn: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid outputs and labels over one pass of `data` (finite, batched).
 
     Under a multi-replica `strategy` (`model` built in its scope) each batch is
     padded and split over the replicas, and their predictions are reassembled
     by a SUM over replicas (see the module docstring): the same arrays.
+
+    With `mask_key` the batches are padded (e.g. `padding.pad_blocks`): only the
+    rows where `batch[mask_key]` is True are returned, in order; under a
+    strategy, replica r predicts the piece `shard_fn` cuts (or, without
+    `shard_fn`, its contiguous 1/R of the rows). See `finetune_multilabel`.
     """
-    if not _distributed(strategy):
+    _check_padded_options(mask_key, shard_fn)
+    sharded = _distributed(strategy)
+    if mask_key is not None:
+        probs = _masked_probs(
+            model, data, input_key, strategy if sharded else None, mask_key, shard_fn
+        )
+    elif not sharded:
         # One trace for every batch: eager values carry their own sizes (e.g. a
         # GraphTensor's node counts), so a signature from the dataset is given.
         @tf.function(input_signature=[data.element_spec[input_key]])
-        def probs(x):
+        def dense_probs(x):
             return tf.sigmoid(model(x, training=False))
+
+        def probs(batch):
+            return dense_probs(batch[input_key])
 
     else:
         replicas = distribute.Replicas(strategy)
@@ -371,17 +400,65 @@ def predict_multilabel(
             return _place_in_rows(out, width, replicas.num_replicas)
 
         @tf.function(input_signature=[data.element_spec[input_key]])
-        def probs(x):
+        def padded_probs(x):
             padded, _, size = _pad_rows(x, width)
             return replicas.sum(strategy.run(replica_probs, args=(padded,)))[:size]
 
+        def probs(batch):
+            return padded_probs(batch[input_key])
+
     scores, labels = [], []
     for batch in data:
-        scores.append(probs(batch[input_key]).numpy())
-        labels.append(np.asarray(batch[label_key]))
+        scores.append(probs(batch).numpy())
+        label = np.asarray(batch[label_key])
+        labels.append(label if mask_key is None else label[np.asarray(batch[mask_key])])
     if not scores:
         raise ValueError("The evaluation dataset is empty.")
     return np.concatenate(scores), np.concatenate(labels)
+
+
+def _check_padded_options(mask_key, shard_fn) -> None:
+    if shard_fn is not None and mask_key is None:
+        raise ValueError(
+            "shard_fn cuts padded batches, whose real examples mask_key names; give both. "
+            f"Received: mask_key=None with shard_fn={shard_fn!r}."
+        )
+
+
+def _global_rows(spec, mask_key: str, what: str, num_replicas: int) -> int:
+    """The static number of rows of the padded batches' mask, a multiple of R."""
+    mask = spec.get(mask_key) if isinstance(spec, dict) else None
+    rows = mask.shape[0] if isinstance(mask, tf.TensorSpec) and mask.shape.rank == 1 else None
+    if rows is None or rows % num_replicas:
+        raise ValueError(
+            f"Padded batches split over {num_replicas} replicas need a mask of a static "
+            f"length divisible by {num_replicas}: {what}[{mask_key!r}] must be a bool "
+            f"[rows] tensor. Received {mask!r}."
+        )
+    return int(rows)
+
+
+def _masked_probs(model, data, input_key, strategy, mask_key, shard_fn):
+    """`batch -> sigmoid outputs of its real rows`, for padded batches (see
+    `predict_multilabel`); `strategy` None: one device."""
+    replicas = distribute.Replicas(strategy or tf.distribute.get_strategy())
+    width = None
+    if replicas.num_replicas > 1:
+        width = _global_rows(
+            data.element_spec, mask_key, "the evaluation data", replicas.num_replicas
+        )
+
+    def replica_probs(batch):
+        piece = replicas.shard(batch, "evaluation batch", shard_fn=shard_fn)
+        out = tf.sigmoid(model(piece[input_key], training=False))
+        return out if width is None else _place_in_rows(out, width, replicas.num_replicas)
+
+    @tf.function(input_signature=[data.element_spec])
+    def probs(batch):
+        out = replicas.sum(replicas.strategy.run(replica_probs, args=(batch,)))
+        return tf.boolean_mask(out, batch[mask_key])
+
+    return probs
 
 
 def per_task_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -414,6 +491,8 @@ def finetune_multilabel(
     seed: int = 0,
     log=None,
     strategy: tf.distribute.Strategy | None = None,
+    mask_key: str | None = None,
+    shard_fn: Callable | None = None,
 ) -> MultilabelResult:
     """Fine-tunes a copy of `backbone` with a fresh sigmoid head; per-task test AUC.
 
@@ -431,18 +510,36 @@ def finetune_multilabel(
       mode: "full" (every weight trains) or "linear" (the backbone is frozen).
       strategy: None or the default strategy: one device. A multi-replica strategy
         (`distribute.make_strategy`): every batch is split over the replicas (see
-        the module docstring), giving the single-device weights and AUCs; the
-        batches must be dense tensors, and none may be larger than the first.
+        the module docstring), giving the single-device weights and AUCs. Without
+        `mask_key`, the batches must be dense tensors, and none may be larger than
+        the first.
+      mask_key: None, or the batches are padded: `batch[mask_key]` is a bool [rows]
+        tensor, True for the real examples (e.g. ego-graph batches from
+        `padding.pad_blocks`, `padding.MASK_KEY`). The loss is the mean over the
+        real examples only, and the test predictions are those of the real
+        examples, in order. Under a strategy with R replicas every batch must
+        hold a static number of rows, a multiple of R.
+      shard_fn: with `mask_key`, under a strategy with R > 1 replicas:
+        `(batch, R, replica_id) -> batch`, replica `replica_id`'s piece of a padded
+        global batch, holding its contiguous 1/R of the rows of every row tensor
+        and of the mask (`distribute.Replicas.shard`; for padded GraphTensors,
+        `padding.shard_batch` with `equal_blocks=False`). None: the contiguous 1/R
+        of every tensor's leading dimension.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}.")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1. Received: epochs={epochs}.")
+    _check_padded_options(mask_key, shard_fn)
     sharded = _distributed(strategy)
     replicas = distribute.Replicas(strategy if sharded else tf.distribute.get_strategy())
+    masked = mask_key is not None
     if sharded:
         for what, data in (("train_data", train_data), ("test_data", test_data)):
-            _check_tensor_batches(data.element_spec, what, replicas.num_replicas)
+            if masked:
+                _global_rows(data.element_spec, mask_key, what, replicas.num_replicas)
+            if shard_fn is None:
+                _check_tensor_batches(data.element_spec, what, replicas.num_replicas)
     tf.keras.utils.set_random_seed(seed)
     with strategy.scope() if sharded else contextlib.nullcontext():
         copy = make_backbone()
@@ -453,7 +550,7 @@ def finetune_multilabel(
         model(first[input_key], training=False)  # builds the head
         optimizer = tf.keras.optimizers.Adam(learning_rate)
     trainable = model.trainable_variables if mode == "full" else model.head.trainable_variables
-    if sharded:
+    if sharded and not masked:
         width = _padded_width(int(tf.shape(first[label_key])[0]), replicas.num_replicas)
 
     def cross_entropy(batch):
@@ -475,11 +572,28 @@ def finetune_multilabel(
         optimizer.apply_gradients(zip(grads, trainable, strict=True))
         return loss
 
+    def replica_masked_step(batch, count):
+        batch = replicas.shard(batch, "fine-tuning batch", shard_fn=shard_fn)
+        with tf.GradientTape() as tape:
+            losses = tf.reduce_mean(cross_entropy(batch), axis=-1)  # per row
+            # Padding rows are zeroed with where, not weighted: a zero weight would
+            # not stop a NaN from the padding.
+            real = tf.where(batch[mask_key], losses, tf.zeros_like(losses))
+            # This piece's share of the global batch's mean over its real examples.
+            loss = tf.reduce_sum(real) / tf.cast(count, losses.dtype)
+        grads = tape.gradient(loss, trainable)
+        # Under a strategy the optimizer sums the gradients over replicas.
+        optimizer.apply_gradients(zip(grads, trainable, strict=True))
+        return loss
+
     @tf.function(input_signature=[train_data.element_spec])
     def step(batch):
         labels = batch[label_key]
         if labels.shape[-1] is not None and labels.shape[-1] != num_tasks:
             raise ValueError(f"Labels have {labels.shape[-1]} tasks; the head has {num_tasks}.")
+        if masked:
+            count = tf.reduce_sum(tf.cast(batch[mask_key], tf.int32))  # the global real count
+            return replicas.sum(replicas.strategy.run(replica_masked_step, args=(batch, count)))
         if sharded:
             padded, weights, count = _pad_rows(batch, width)
             return replicas.sum(strategy.run(replica_step, args=(padded, weights, count)))
@@ -506,6 +620,8 @@ def finetune_multilabel(
         input_key=input_key,
         label_key=label_key,
         strategy=strategy if sharded else None,
+        mask_key=mask_key,
+        shard_fn=shard_fn,
     )
     aucs = per_task_auc(scores, labels)
     if np.all(np.isnan(aucs)):

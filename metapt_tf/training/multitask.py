@@ -9,6 +9,23 @@ summing. Heads are task-specific and keep their own gradients.
 
 `pcgrad` is a pure function over gradient lists; `cotrain` is the resumable
 training loop (checkpoints, TensorBoard, progress lines) around it.
+
+`cotrain` takes an optional `tf.distribute` strategy (`distribute.make_strategy`;
+the backbone and heads built in its scope). With R > 1 replicas every replica
+reads the same global PT and FT batches a single-device run reads, and takes its
+piece of each: the contiguous 1/R of every tensor's rows, or, for padded batches
+(`mask_key`), the piece the problem's `shard_fn` cuts (padded GraphTensor blocks,
+`metapt_tf.data.padding`). Each replica's loss is its share of the global mean:
+the loss of its piece divided by R, or, with `mask_key`, times n_r / N, its real
+examples over the global batch's (the loss functions return the mean over the
+real examples of what they are given). Each task's gradients are then summed
+over the replicas separately (one all-reduce of the PT and FT gradients), so
+that PCGrad projects the global per-task gradients, the conflict count tests
+their global inner product, and every replica applies the same update (without
+another all-reduce). With batch statistics that are global too (the GIN's
+synchronised, masked batch norms) and no dropout, a step computes the
+single-device step's quantities up to floating-point summation order. Dropout
+draws its masks per replica, so with dropout the runs agree in distribution only.
 """
 
 import dataclasses
@@ -20,7 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from metapt_tf.training import reporting
+from metapt_tf.training import distribute, reporting
 
 Grads = list[tf.Tensor]
 
@@ -95,6 +112,9 @@ def cotrain(
     log: Callable[[str], None] | None = print,
     log_every: int = 100,
     checkpoint_every: int = 500,
+    strategy: tf.distribute.Strategy | None = None,
+    mask_key: str | None = None,
+    shard_fn: Callable | None = None,
 ) -> CotrainResult:
     """Trains the backbone on PT and FT tasks jointly for `num_steps` Adam steps.
 
@@ -108,14 +128,37 @@ def cotrain(
       use_pcgrad: combine the backbone gradients with `pcgrad` instead of summing.
       workdir: checkpoints, TensorBoard events and `history.json`; a run with an
         existing checkpoint there resumes from it.
+      strategy: None or the default strategy: one device. A multi-replica strategy:
+        every step split over the replicas (see the module docstring); the
+        variables must have been created in its scope.
+      mask_key: None, or the batches are padded: `batch[mask_key]` is a bool
+        [rows] tensor, True for the real examples, and the loss functions return
+        the mean over those (e.g. `padding.masked_mean`). Used to weigh the
+        replicas' losses; on one device the batches go to the loss functions as
+        they are.
+      shard_fn: with `mask_key`, under a strategy with R > 1 replicas:
+        `(batch, R, replica_id) -> batch`, replica `replica_id`'s piece of a padded
+        global batch (`padding.shard_batch`). None: the contiguous 1/R of every
+        tensor's leading dimension.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1. Received: num_steps={num_steps}.")
+    if shard_fn is not None and mask_key is None:
+        raise ValueError(
+            "shard_fn cuts padded batches, whose real examples mask_key names; give both. "
+            f"Received: mask_key=None with shard_fn={shard_fn!r}."
+        )
     say = log or (lambda _: None)
     start = time.perf_counter()
     params = list(shared_params) + list(pt_head_params) + list(ft_head_params)
-    optimizer = tf.keras.optimizers.Adam(learning_rate)
-    optimizer.build(params)
+    strategy = strategy if strategy is not None else tf.distribute.get_strategy()
+    replicas = distribute.Replicas(strategy)
+    distributed = replicas.num_replicas > 1
+    if distributed:
+        distribute.check_variables(strategy, params, "CoTrain's")
+    with strategy.scope():
+        optimizer = tf.keras.optimizers.Adam(learning_rate)
+        optimizer.build(params)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     conflicts = tf.Variable(0, dtype=tf.int64, trainable=False, name="conflicts")
     pt_iter, ft_iter = iter(pt_data), iter(ft_data)
@@ -141,37 +184,70 @@ def cotrain(
         say(f"Resuming co-training from {manager.latest_checkpoint} (step {int(step.numpy())}).")
     n_shared = len(shared_params)
 
+    def real_count(batch):
+        return tf.reduce_sum(tf.cast(batch[mask_key], tf.int32))
+
+    def share(loss, piece, count):
+        """This replica's share of the global batch's mean loss."""
+        if not distributed:
+            return loss
+        if mask_key is None:
+            return loss / tf.cast(replicas.num_replicas, loss.dtype)
+        return loss * tf.cast(real_count(piece), loss.dtype) / tf.cast(count, loss.dtype)
+
+    def replica_step(pt_batch, ft_batch, pt_count, ft_count):
+        pt_piece = replicas.shard(pt_batch, "PT batch", shard_fn=shard_fn)
+        ft_piece = replicas.shard(ft_batch, "FT batch", shard_fn=shard_fn)
+        with tf.GradientTape(persistent=True) as tape:
+            pt_loss = share(pt_loss_fn(pt_piece), pt_piece, pt_count)
+            ft_loss = share(ft_loss_fn(ft_piece), ft_piece, ft_count)
+        pt_grads = tape.gradient(
+            pt_loss,
+            shared_params + pt_head_params,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        ft_grads = tape.gradient(
+            ft_loss,
+            shared_params + ft_head_params,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        del tape
+        if distributed:
+            # Each task's global gradient: PCGrad and the conflict test need them
+            # separately, not only their sum.
+            reduced = replicas.all_reduce_sum(pt_grads + ft_grads)
+            pt_grads, ft_grads = reduced[: len(pt_grads)], reduced[len(pt_grads) :]
+        g_pt, g_ft = pt_grads[:n_shared], ft_grads[:n_shared]
+        if use_pcgrad:
+            shared = pcgrad([g_pt, g_ft])
+        else:
+            shared = [a + b for a, b in zip(g_pt, g_ft, strict=True)]
+        conflict = tf.cast(_dot(g_pt, g_ft) < 0, tf.int64)
+        grads = shared + pt_grads[n_shared:] + ft_grads[n_shared:]
+        # The gradients are global already: every replica applies the same update.
+        optimizer.apply_gradients(
+            zip(grads, params, strict=True), skip_gradients_aggregation=distributed
+        )
+        return pt_loss, ft_loss, conflict
+
     @tf.function
     def train_steps(n):
         pt_losses = tf.TensorArray(tf.float32, size=n)
         ft_losses = tf.TensorArray(tf.float32, size=n)
         for i in tf.range(n):
             pt_batch, ft_batch = next(pt_iter), next(ft_iter)
-            with tf.GradientTape(persistent=True) as tape:
-                pt_loss = pt_loss_fn(pt_batch)
-                ft_loss = ft_loss_fn(ft_batch)
-            pt_grads = tape.gradient(
-                pt_loss,
-                shared_params + pt_head_params,
-                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            counts = (
+                (real_count(pt_batch), real_count(ft_batch))
+                if distributed and mask_key is not None
+                else (tf.constant(0), tf.constant(0))
             )
-            ft_grads = tape.gradient(
-                ft_loss,
-                shared_params + ft_head_params,
-                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            pt_loss, ft_loss, conflict = strategy.run(
+                replica_step, args=(pt_batch, ft_batch, *counts)
             )
-            del tape
-            g_pt, g_ft = pt_grads[:n_shared], ft_grads[:n_shared]
-            if use_pcgrad:
-                shared = pcgrad([g_pt, g_ft])
-            else:
-                shared = [a + b for a, b in zip(g_pt, g_ft, strict=True)]
-            conflicts.assign_add(tf.cast(_dot(g_pt, g_ft) < 0, tf.int64))
-            grads = shared + pt_grads[n_shared:] + ft_grads[n_shared:]
-            optimizer.apply_gradients(zip(grads, params, strict=True))
+            conflicts.assign_add(replicas.first(conflict))
             step.assign_add(1)
-            pt_losses = pt_losses.write(i, tf.cast(pt_loss, tf.float32))
-            ft_losses = ft_losses.write(i, tf.cast(ft_loss, tf.float32))
+            pt_losses = pt_losses.write(i, tf.cast(replicas.sum(pt_loss), tf.float32))
+            ft_losses = ft_losses.write(i, tf.cast(replicas.sum(ft_loss), tf.float32))
         return pt_losses.stack(), ft_losses.stack()
 
     writer = tf.summary.create_file_writer(workdir)

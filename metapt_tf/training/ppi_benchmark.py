@@ -27,18 +27,25 @@ others). Meta-PT splits its FT graphs into FT-train / FT-val
 setting's labelled FT graphs and the per-task test ROC-AUC, averaged over tasks.
 
 Strategies (`config.meta.distribute`): "default" runs everything on one device.
-"mirrored" runs meta-PT and the PT baselines that go through `online.run`
-(supervised PT, PT with ground-truth weights) data-parallel over the replicas:
-each PT batch of B ego-graphs is read as R blocks of B/R graphs, each padded to
-the same fixed sizes (`metapt_tf.data.padding`), and replica r takes block r
-(`MetaPretrainProblem.pt_shard_fn`); losses count real graphs only, and the
-GIN's batch norms are synchronised across replicas, so every step computes the
-one-device step's quantities (up to summation order). HVPs must then be
-reverse-over-reverse. CoTrain and CoTrain + PCGrad (`multitask.cotrain`) run on
-one device, on the same padded batches; fine-tuning and evaluation run as
-`finetune.finetune_multilabel` does. Multi-worker and TPU strategies are refused
-here (the rest of the benchmark is single-process); the online loop itself
-accepts them.
+"mirrored" runs every training and evaluation step data-parallel over the
+replicas: meta-PT and the PT baselines that go through `online.run` (supervised
+PT, PT with ground-truth weights), CoTrain and CoTrain + PCGrad
+(`multitask.cotrain`), and the final fine-tuning and test predictions
+(`finetune.finetune_multilabel`). Each PT batch of B ego-graphs is read as R
+blocks of B/R graphs, each padded to the same fixed sizes
+(`metapt_tf.data.padding`), and replica r takes block r
+(`MetaPretrainProblem.pt_shard_fn`). FT and test batches, which hold every graph
+once (a last partial batch included), are cut into R blocks of ceil(B/R)
+graphs, as many as there are (`padding.pad_blocks`), and replica r takes block r
+(`padding.shard_batch`). Losses count real graphs only, a replica's loss is its
+share of the global batch's mean, CoTrain all-reduces each task's gradients
+before PCGrad, and the GIN's batch norms are synchronised across replicas, so
+every step computes the one-device step's quantities (up to summation order);
+dropout draws its masks per replica, so with dropout (`model.pt_dropout`,
+`model.ft_dropout`) runs match one device in distribution only. HVPs must be
+reverse-over-reverse. Multi-worker and TPU strategies are refused here (the
+results, figures and export are written by one process); the online loop
+itself accepts them.
 
 Everything lands in `workdir`: the dataset (`data/`, generated once), one
 directory per seed/setting/method (checkpoints, TensorBoard, `result.json`;
@@ -48,6 +55,7 @@ in the full setting, `export/<version>/`.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -77,6 +85,7 @@ METHOD_NAMES = {
 }
 SOURCES = ("synthetic", "tfrecord")
 DISTRIBUTE = ("default", "mirrored")  # config.meta.distribute values this benchmark runs
+EVAL_BATCH_SIZE = 256  # test graphs per evaluation batch
 FILES = ("pt.tfrecord", "ft_train.tfrecord", "test.tfrecord")
 SCHEMA_FILE = "schema.pbtxt"
 TASK_INFO_FILE = "task_info.json"
@@ -165,6 +174,7 @@ class _Data:
     num_ft_tasks: int
     num_ft_graphs: int
     task_kinds: list[str] | None  # ground truth per PT task, when known
+    num_test_graphs: int | None = None  # graphs in test.tfrecord, when counted
 
     def path(self, name: str) -> str:
         """The file `name` in the dataset directory, or its GZIP-compressed `name.gz`."""
@@ -226,6 +236,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
         num_ft_tasks=num_ft_tasks,
         num_ft_graphs=counts["ft_train.tfrecord"],
         task_kinds=kinds,
+        num_test_graphs=counts["test.tfrecord"],
     )
 
 
@@ -353,6 +364,11 @@ def _pt_loss(pt_head, backbone, batch, weights=None):
     return _weighted_bce(logits, batch["pt_labels"], weights, batch.get(padding.MASK_KEY))
 
 
+def _ft_loss(ft_head, backbone, batch):
+    logits = ft_head(backbone(batch["graph"], training=True))
+    return _weighted_bce(logits, batch["labels"], mask=batch.get(padding.MASK_KEY))
+
+
 def _dense_head(units: int, feature_dim: int, name: str) -> tf.keras.layers.Dense:
     head = tf.keras.layers.Dense(units, name=name)
     head.build((None, feature_dim))
@@ -384,6 +400,8 @@ class _Runner:
                     f"data.{field}", config.data[field], f"a multiple of the {shards} replicas"
                 )
         self.padded = bool(shards)
+        self.shards = shards
+        self._constraints: dict[tuple[str, int], tfgnn.SizeConstraints] = {}
         self.pt_data = _pt_dataset(data, config, seed, config.data.pt_batch_size, shards)
         # The meta-step's PT batch: larger than a PT step's, so that every task's
         # weight gets a less noisy meta-gradient.
@@ -399,7 +417,15 @@ class _Runner:
     def backbone(self, dropout: float) -> tf.keras.Model:
         return _make_backbone(self.config, self.spec, dropout)
 
-    def ft_data(self, setting: _Setting, which: str, tasks, *, train: bool, repeat=False):
+    def ft_data(
+        self, setting: _Setting, which: str, tasks, *, train: bool, repeat=False, blocks=False
+    ):
+        """FT batches of `which` graphs ("pool", "meta_train", "meta_val", "test").
+
+        With `blocks` under a multi-replica strategy, each batch is a global batch of
+        R padded blocks (`padding.pad_blocks`, with `padding.MASK_KEY`), holding the
+        same graphs in the same order.
+        """
         f = self.config.data
         indices = {
             "pool": setting.ft_graphs,
@@ -407,11 +433,36 @@ class _Runner:
             "meta_val": setting.meta_val,
         }.get(which)
         file = "test.tfrecord" if which == "test" else "ft_train.tfrecord"
-        batch = f.ft_batch_size if train else 256
+        batch = f.ft_batch_size if train else EVAL_BATCH_SIZE
         ds = _ft_dataset(
             self.data, file, indices, tasks, batch_size=batch, seed=self.seed + 7, train=train
         )
+        if blocks and self.padded:
+            count = len(indices) if indices is not None else self.data.num_test_graphs
+            constraints = self.block_constraints(file, min(batch, count or batch))
+            ds = ds.map(lambda b: padding.pad_blocks(b, constraints, self.shards))
         return ds.repeat() if repeat else ds
+
+    def block_constraints(self, file: str, batch_size: int) -> tfgnn.SizeConstraints:
+        """Padding sizes for blocks of ceil(batch_size / R) graphs of `file` (cached)."""
+        per_block = -(-batch_size // self.shards)
+        key = (file, per_block)
+        if key not in self._constraints:
+            self._constraints[key] = padding.size_constraints(
+                self.data.path(file), self.data.schema, per_block
+            )
+        return self._constraints[key]
+
+    def shard_kwargs(self) -> dict:
+        """The strategy and padded-batch options of `finetune` and `multitask` calls."""
+        if not self.padded:
+            return {}
+        return {
+            "strategy": self.strategy,
+            "mask_key": padding.MASK_KEY,
+            # pad_blocks' blocks may hold fewer real graphs than others.
+            "shard_fn": functools.partial(padding.shard_batch, equal_blocks=False),
+        }
 
     # -- pre-training methods ------------------------------------------------
 
@@ -502,16 +553,17 @@ class _Runner:
     def pretrain_cotrain(self, setting: _Setting, run_dir: str, use_pcgrad: bool):
         c = self.config
         tf.keras.utils.set_random_seed(self.seed)
-        backbone = self.backbone(c.model.pt_dropout)
-        feature_dim = int(backbone.output_shape[-1])
-        pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
-        ft_head = _dense_head(len(setting.meta_tasks), feature_dim, "ft_head")
+        with distribute.scope(self.strategy, c.meta.mixed_precision):
+            backbone = self.backbone(c.model.pt_dropout)
+            feature_dim = int(backbone.output_shape[-1])
+            pt_head = _dense_head(self.data.num_pt_tasks, feature_dim, "pt_head")
+            ft_head = _dense_head(len(setting.meta_tasks), feature_dim, "ft_head")
 
-        def pt_loss_fn(batch):  # on one device, padded batches included
+        def pt_loss_fn(batch):
             return _pt_loss(pt_head, backbone, batch)
 
         def ft_loss_fn(batch):
-            return _weighted_bce(ft_head(backbone(batch["graph"], training=True)), batch["labels"])
+            return _ft_loss(ft_head, backbone, batch)
 
         result = multitask.cotrain(
             shared_params=backbone.trainable_variables,
@@ -520,13 +572,16 @@ class _Runner:
             pt_loss_fn=pt_loss_fn,
             ft_loss_fn=ft_loss_fn,
             pt_data=self.pt_data,
-            ft_data=self.ft_data(setting, "pool", setting.meta_tasks, train=True, repeat=True),
+            ft_data=self.ft_data(
+                setting, "pool", setting.meta_tasks, train=True, repeat=True, blocks=True
+            ),
             num_steps=self.pt_steps,
             learning_rate=c.cotrain.learning_rate,
             use_pcgrad=use_pcgrad,
             workdir=run_dir,
             log=self.say,
             log_every=c.meta.log_every * c.meta.pt_steps_per_meta_step,
+            **self.shard_kwargs(),
         )
         return backbone, {"pt_steps": result.steps, "conflicts": result.conflicts}
 
@@ -537,8 +592,8 @@ class _Runner:
         return finetune.finetune_multilabel(
             backbone,
             lambda: self.backbone(self.config.model.ft_dropout),
-            self.ft_data(setting, "pool", setting.eval_tasks, train=True),
-            self.ft_data(setting, "test", setting.eval_tasks, train=False),
+            self.ft_data(setting, "pool", setting.eval_tasks, train=True, blocks=True),
+            self.ft_data(setting, "test", setting.eval_tasks, train=False, blocks=True),
             num_tasks=len(setting.eval_tasks),
             input_key="graph",
             label_key="labels",
@@ -546,6 +601,7 @@ class _Runner:
             epochs=f.epochs,
             learning_rate=f.learning_rate,
             seed=self.seed,
+            **self.shard_kwargs(),
         )
 
 

@@ -7,7 +7,8 @@ and prints one JSON line (prefixed by RESULT_MARKER) with what it measured:
     python tests/training/distribute_checks.py mirrored    # 2 logical CPUs, one process
     python tests/training/distribute_checks.py worker OUT  # one MultiWorkerMirrored worker
                                                            # (TF_CONFIG set by the caller)
-    python tests/training/distribute_checks.py gin         # GIN meta-PT on padded graphs,
+    python tests/training/distribute_checks.py gin         # GIN meta-PT, fine-tuning and
+                                                           # CoTrain on padded graphs,
                                                            # 2 logical CPUs
 """
 
@@ -29,7 +30,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from metapt_tf.meta_params import ExampleWeights  # noqa: E402
-from metapt_tf.training import distribute, interfaces, mnist_experiments, online  # noqa: E402
+from metapt_tf.training import (  # noqa: E402
+    distribute,
+    finetune,
+    interfaces,
+    mnist_experiments,
+    multitask,
+    online,
+)
 
 RESULT_MARKER = "DISTRIBUTE_CHECK "
 ROOT = Path(__file__).resolve().parents[2]
@@ -354,7 +362,10 @@ def gin_checks_mirrored() -> dict:
     """The GIN (PPI) problem on padded graph batches, one block per replica: one
     meta-gradient in float64 against the single-device one on the same global
     (unpadded) batches; the same on one device with padded batches and an
-    XLA-compiled meta-step; and the benchmark's smoke variant under MirroredStrategy."""
+    XLA-compiled meta-step; multi-label fine-tuning (both modes) and CoTrain steps
+    (with and without PCGrad) on uneven padded blocks against one device on
+    unpadded batches, in float64; and the benchmark's smoke variant under
+    MirroredStrategy."""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
@@ -393,6 +404,35 @@ def gin_checks_mirrored() -> dict:
                 jit_compile=True,
             ),
         }
+        ft_directory = tempfile.mkdtemp()
+        ft_schema = gin_checks.write_data(ft_directory, num_test_graphs=gin_checks.NUM_TEST)
+        runs = (("default", 0), ("mirrored", 2))
+        out["finetune"] = {
+            f"{mode}|{name}": _timed(
+                f"gin finetune {mode} {name}",
+                gin_checks.finetune_on_graphs,
+                ft_directory,
+                ft_schema,
+                _strategy(name),
+                shards=shards,
+                mode=mode,
+            )
+            for mode in finetune.MODES
+            for name, shards in runs
+        }
+        out["cotrain"] = {
+            f"{pcgrad}|{name}": _timed(
+                f"gin cotrain pcgrad={pcgrad} {name}",
+                gin_checks.cotrain_steps,
+                ft_directory,
+                ft_schema,
+                _strategy(name),
+                shards=shards,
+                use_pcgrad=pcgrad,
+            )
+            for pcgrad in (False, True)
+            for name, shards in runs
+        }
     finally:
         tf.keras.mixed_precision.set_global_policy(previous)
     out["ppi_smoke"] = _timed("ppi smoke mirrored", ppi_smoke_mirrored)
@@ -401,18 +441,52 @@ def gin_checks_mirrored() -> dict:
 
 def ppi_smoke_mirrored() -> dict:
     """configs/ppi_multitask.py:smoke with meta.distribute='mirrored' over both CPUs
-    (meta-PT in the full setting: online.run, fine-tuning, the test)."""
+    (meta-PT and CoTrain + PCGrad in the full setting: online.run, cotrain,
+    fine-tuning, the test), recording the strategy fine-tuning and CoTrain get."""
     from metapt_tf.training import ppi_benchmark  # noqa: PLC0415
+
+    calls = []
+
+    def recorded(fn, what):
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            strategy = kwargs.get("strategy")
+            if what == "finetune":
+                variables = result.model.variables
+            else:
+                variables = [
+                    *kwargs["shared_params"],
+                    *kwargs["pt_head_params"],
+                    *kwargs["ft_head_params"],
+                ]
+            calls.append(
+                {
+                    "what": what,
+                    "strategy": None if strategy is None else distribute.strategy_kind(strategy),
+                    "mask_key": kwargs.get("mask_key"),
+                    "in_scope": strategy is not None
+                    and all(strategy.extended.variable_created_in_scope(v) for v in variables),
+                }
+            )
+            return result
+
+        return wrapper
 
     spec = importlib.util.spec_from_file_location("c", ROOT / "configs" / "ppi_multitask.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = ml_collections.ConfigDict(module.get_config("smoke").to_dict())
-    c.settings, c.methods = ("full",), ("meta_pt",)
+    c.settings, c.methods = ("full",), ("cotrain_pcgrad", "meta_pt")
     c.export = False
     c.meta.distribute, c.meta.devices = "mirrored", DEVICES
     workdir = tempfile.mkdtemp()
-    results = ppi_benchmark.run(c, workdir, log=None)
+    originals = finetune.finetune_multilabel, multitask.cotrain
+    finetune.finetune_multilabel = recorded(originals[0], "finetune")
+    multitask.cotrain = recorded(originals[1], "cotrain")
+    try:
+        results = ppi_benchmark.run(c, workdir, log=None)
+    finally:
+        finetune.finetune_multilabel, multitask.cotrain = originals
     runs = {r["method"]: r for r in results["runs"]}
     meta = json.loads(Path(workdir, "seed_0", "full", "meta_pt", "result.json").read_text())
     return {
@@ -421,6 +495,7 @@ def ppi_smoke_mirrored() -> dict:
         "skipped_meta_steps": meta["skipped_meta_steps"],
         "task_weights": list(meta["task_weights"]),
         "test_auc": {m: r["test_auc"] for m, r in runs.items()},
+        "calls": calls,
     }
 
 

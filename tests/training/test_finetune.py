@@ -124,3 +124,61 @@ def test_finetune_multilabel_from_scratch_and_bad_arguments():
         finetune.finetune_multilabel(
             None, make_backbone, data, data, num_tasks=2, input_key="x", label_key="y", epochs=0
         )
+
+
+def test_finetune_multilabel_on_padded_batches_equals_unpadded():
+    # mask_key on one device: padding rows (here garbage) count for nothing; the loss
+    # is the mean over the real rows and the test predictions are theirs, in order.
+    def make_backbone():
+        inputs = tf.keras.Input((5,))
+        return tf.keras.Model(inputs, tf.keras.layers.Dense(4, activation="tanh")(inputs))
+
+    def padded(ds, rows):
+        def pad(b):
+            real = tf.shape(b["y"])[0]
+            return {
+                "x": tf.concat(
+                    [b["x"], tf.fill([rows - real, 5], tf.constant(7.0, tf.float64))], 0
+                ),
+                "y": tf.concat([b["y"], tf.ones([rows - real, 2], tf.float64)], 0),
+                "mask": tf.sequence_mask(real, rows),
+            }
+
+        return ds.map(pad)
+
+    tf.keras.backend.set_floatx("float64")
+    try:
+
+        def float64(d):
+            return {k: tf.cast(v, tf.float64) for k, v in d.items()}
+
+        train, test = _multilabel_data(20, 0).map(float64), _multilabel_data(13, 1).map(float64)
+        kwargs = dict(num_tasks=2, input_key="x", label_key="y", epochs=2, learning_rate=0.05)
+        results = []
+        for mask_key in (None, "mask"):
+            tf.keras.utils.set_random_seed(0)
+            backbone = make_backbone()
+            tr = train.shuffle(20, seed=0).batch(8)  # 8, 8, 4
+            te = test.batch(5)  # 5, 5, 3
+            if mask_key:
+                tr, te = padded(tr, 8), padded(te, 5)
+            result = finetune.finetune_multilabel(
+                backbone, make_backbone, tr, te, mask_key=mask_key, **kwargs
+            )
+            scores, labels = finetune.predict_multilabel(
+                result.model, te, input_key="x", label_key="y", mask_key=mask_key
+            )
+            results.append((result, scores, labels))
+    finally:
+        tf.keras.backend.set_floatx("float32")
+    (plain, plain_scores, plain_labels), (masked, scores, labels) = results
+    assert scores.shape == (13, 2)
+    np.testing.assert_array_equal(labels, plain_labels)
+    np.testing.assert_allclose(scores, plain_scores, rtol=1e-10)
+    for a, b in zip(masked.model.get_weights(), plain.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert masked.final_train_loss == pytest.approx(plain.final_train_loss, rel=1e-10)
+    with pytest.raises(ValueError, match="give both. Received: mask_key=None with shard_fn="):
+        finetune.finetune_multilabel(
+            None, make_backbone, tr, te, shard_fn=lambda b, r, i: b, **kwargs
+        )

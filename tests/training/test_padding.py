@@ -141,3 +141,39 @@ def test_masked_mean_ignores_padding_rows_even_if_not_finite():
     mask = tf.constant([True, True, False])
     assert float(padding.masked_mean(values, mask)) == 4.0
     assert float(padding.masked_mean(values[:2], None)) == 4.0
+
+
+def test_pad_blocks_splits_any_batch_into_the_padded_dataset_layout(data):
+    directory, schema = data
+    path = f"{directory}/pt.tfrecord"
+    constraints = padding.size_constraints(path, schema, 4)
+
+    def batches(size, drop_remainder=False):
+        ds = graphs.load_dataset(path, schema, batch_size=size, drop_remainder=drop_remainder)
+        return ds.map(lambda b: {"graph": b["graph"], "pt_labels": b[graphs.PT_LABELS]})
+
+    # A batch of R G graphs: exactly the global batch padded_dataset merges.
+    expected = next(iter(padding.padded_dataset(batches(4, True), constraints, 2)))
+    got = padding.pad_blocks(next(iter(batches(8))), constraints, 2)
+    assert got["graph"].spec == expected["graph"].spec
+    flat_expected = tf.nest.flatten(expected, expand_composites=True)
+    flat_got = tf.nest.flatten(got, expand_composites=True)
+    assert len(flat_got) == len(flat_expected)
+    for a, b in zip(flat_got, flat_expected, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # 3 graphs: all in block 0, block 1 empty (all padding), inside a tf.function too.
+    three = next(iter(batches(3)))
+    out = tf.function(lambda b: padding.pad_blocks(b, constraints, 2))(three)
+    assert out["graph"].spec == expected["graph"].spec  # the same static sizes
+    assert out[padding.MASK_KEY].numpy().tolist() == [True] * 3 + [False] * 7
+    np.testing.assert_array_equal(out["pt_labels"][:3], three["pt_labels"])
+    empty = padding.shard_batch(out, 2, 1, equal_blocks=False)
+    assert not empty[padding.MASK_KEY].numpy().any()
+    centers = empty["graph"].node_sets[graphs.NODE_SET][graphs.CENTER_FEATURE].numpy()
+    assert (centers == padding.PADDING_CENTER).all()
+    assert float(padding.masked_mean(tf.ones([5, 2]), empty[padding.MASK_KEY])) == 0.0
+    # The online loop's cut insists on equal blocks.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must hold the same number"):
+        padding.shard_batch(out, 2, 1)
+    with pytest.raises(ValueError, match=r"more ego-graphs than the 2 blocks of 4 .*Received 9"):
+        padding.pad_blocks(next(iter(batches(9))), constraints, 2)

@@ -1,13 +1,16 @@
-"""The PPI benchmark's GIN meta-PT under tf.distribute and on the TPU-style compiled path.
+"""The PPI benchmark's GIN under tf.distribute and on the TPU-style compiled path.
 
 MirroredStrategy over 2 logical CPUs runs in a subprocess (`distribute_checks.py
 gin`: logical devices must be set before TensorFlow initialises). There, in
 float64: two PT steps and one meta-gradient on padded graph batches cut into one
 block per replica, against the single-device loop on the same unpadded global
 batches (the oracle); the same on one device with padded batches and the
-meta-step compiled with XLA (`jit_compile=True`, what a TPU program needs); and
-the benchmark's smoke variant with meta.distribute='mirrored'. No TPU exists
-here: "tpu" is checked for its error.
+meta-step compiled with XLA (`jit_compile=True`, what a TPU program needs);
+multi-label fine-tuning and evaluation, and CoTrain steps with and without
+PCGrad, on FT batches that do not split evenly over the replicas (uneven and
+empty padded blocks), against one device on the unpadded batches; and the
+benchmark's smoke variant (meta-PT and CoTrain + PCGrad, each fine-tuned) with
+meta.distribute='mirrored'. No TPU exists here: "tpu" is checked for its error.
 """
 
 import json
@@ -83,13 +86,58 @@ def test_gin_meta_step_on_padded_graphs_compiles_with_xla(gin):
     assert abs(xla["ft_val_loss"] - single["ft_val_loss"]) < 1e-10
 
 
+@pytest.mark.parametrize("mode", ["full", "linear"])
+def test_graph_finetuning_under_mirrored_equals_single_device(gin, mode):
+    single = gin["finetune"][f"{mode}|default"]
+    dist = gin["finetune"][f"{mode}|mirrored"]
+    assert single["dtype"] == dist["dtype"] == "float64"
+    assert dist["in_scope"]  # the classifier's variables are the strategy's
+    frozen = _rel(single["backbone"], single["initial"])
+    assert frozen == 0.0 if mode == "linear" else frozen > 1e-3
+    # Each replica's loss is its block's real-graph sum over the global batch's count,
+    # and the batch norms see the global batch's real nodes: summation order only.
+    assert _rel(dist["weights"], single["weights"]) < 1e-6
+    # Every test graph's prediction (11 = 4 + 4 + 3), reassembled in order.
+    assert np.shape(dist["scores"]) == (11, 3) and dist["labels"] == single["labels"]
+    assert _rel(dist["scores"], single["scores"]) < 1e-6
+    np.testing.assert_allclose(dist["per_task_auc"], single["per_task_auc"], rtol=1e-6)
+    assert dist["test_auc"] == pytest.approx(single["test_auc"], rel=1e-6)
+    assert dist["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_cotrain_steps_under_mirrored_equal_single_device(gin, pcgrad):
+    single = gin["cotrain"][f"{pcgrad}|default"]
+    dist = gin["cotrain"][f"{pcgrad}|mirrored"]
+    assert single["dtype"] == dist["dtype"] == "float64"
+    assert _rel(single["shared"], single["initial"]) > 1e-3  # the steps moved the backbone
+    # PCGrad projects the global per-task gradients: a step where they conflict.
+    assert single["conflicts"] == dist["conflicts"] >= 1
+    assert _rel(dist["shared"], single["shared"]) < 1e-6
+    assert _rel(dist["heads"], single["heads"]) < 1e-6
+    for key in ("pt_loss", "ft_loss"):
+        np.testing.assert_allclose(dist[key], single[key], rtol=1e-6)
+
+
+def test_pcgrad_changes_the_cotrain_steps(gin):
+    # So the PCGrad comparison above tests a projection, not a plain sum.
+    plain, projected = gin["cotrain"]["False|default"], gin["cotrain"]["True|default"]
+    assert _rel(projected["shared"], plain["shared"]) > 1e-6
+
+
 def test_ppi_smoke_runs_mirrored(gin):
     smoke = gin["ppi_smoke"]
-    assert smoke["methods"] == ["meta_pt"]
+    assert smoke["methods"] == ["cotrain_pcgrad", "meta_pt"]
     assert smoke["meta_steps"] == 2 and smoke["skipped_meta_steps"] == 0
     weights = np.asarray(smoke["task_weights"])
     assert np.all(np.isfinite(weights)) and np.abs(weights - 1.0).max() > 1e-3  # phi moved
-    assert 0.0 <= smoke["test_auc"]["meta_pt"] <= 1.0
+    for method in smoke["methods"]:
+        assert 0.0 <= smoke["test_auc"][method] <= 1.0
+    # CoTrain and both fine-tunings ran under the strategy, on padded blocks.
+    assert [c["what"] for c in smoke["calls"]] == ["cotrain", "finetune", "finetune"]
+    for call in smoke["calls"]:
+        assert call["strategy"] == "mirrored" and call["in_scope"], call
+        assert call["mask_key"] == "graph_mask", call
 
 
 def test_tpu_without_a_tpu_is_a_clear_error():
