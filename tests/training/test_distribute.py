@@ -10,12 +10,12 @@ the same computation on one device.
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import ml_collections
+import multi_worker  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -139,42 +139,21 @@ def test_problem_built_outside_the_strategy_scope_is_refused(mirrored):
     assert "distribute.scope(strategy" in message
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _run_workers(tmp_path: Path, workdir: Path, launch: str, **env) -> list[dict]:
     """Two MultiWorkerMirrored workers on 127.0.0.1; their reports (killed after 240 s)."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    procs, reports = [], [tmp_path / f"{launch}_worker{i}.json" for i in range(2)]
-    for i in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(CHECKS), "worker", str(reports[i])],
-                env=_env(TF_CONFIG=tf_config, METAPT_WORKDIR=str(workdir), **env),
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.communicate()
-        pytest.fail(f"{launch}: a worker did not finish within 240 s (a hung collective?).")
-    for i, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"{launch}, worker {i}:\n{err[-4000:]}"
+    reports = [tmp_path / f"{launch}_worker{i}.json" for i in range(2)]
+    procs = multi_worker.run_workers(
+        [[sys.executable, str(CHECKS), "worker", str(report)] for report in reports],
+        [
+            _env(TF_CONFIG=tf_config, METAPT_WORKDIR=str(workdir), **env)
+            for tf_config in multi_worker.tf_configs(2)
+        ],
+        cwd=ROOT,
+        timeout=240,
+        what=launch,
+    )
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"{launch}, worker {i}:\n{p.stderr[-4000:]}"
     return [json.loads(r.read_text()) for r in reports]
 
 
