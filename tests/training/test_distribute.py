@@ -307,13 +307,59 @@ def _experiment_config(name: str):
 def test_binaries_name_the_strategies_they_cannot_run():
     c = _experiment_config("mnist_noisy_labels")
     c.meta.distribute = "multi_worker_mirrored"
-    with pytest.raises(ValueError, match=r"config.meta.distribute must be 'default' or 'mirrored'"):
-        mnist_experiments.validate_config(c)
+    mnist_experiments.validate_config(c)  # accepted: every worker runs the binary
     c = _experiment_config("mnist_noisy_labels")
     c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1,/cpu:2"
     with pytest.raises(ValueError, match=r"data.pt_batch_size must be a multiple of the 3 config"):
         mnist_experiments.validate_config(c)
     c = _experiment_config("ppi_multitask")
     c.meta.distribute = "multi_worker_mirrored"
-    with pytest.raises(ValueError, match=r"config.meta.distribute must be one of .* here"):
+    with pytest.raises(
+        ValueError, match=r"config.meta.distribute must be one of .* here \(this benchmark gene"
+    ):
         ppi_benchmark.validate_config(c)
+
+
+def test_ecg_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(tmp_path):
+    workdir = tmp_path / "ecg"
+    command = [
+        sys.executable,
+        "-m",
+        "trainers.run_benchmark",
+        "--config=configs/ecg_simclr.py:smoke",
+        f"--workdir={workdir}",
+        "--config.meta.distribute=multi_worker_mirrored",
+        "--config.num_labelled=(10,)",
+        "--config.finetune.modes=('full',)",
+    ]
+
+    def launch(what):
+        procs = multi_worker.run_workers(
+            [command, command],
+            [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
+            cwd=ROOT,
+            timeout=240,
+            what=what,
+        )
+        for i, p in enumerate(procs):
+            assert p.returncode == 0, f"{what}, worker {i}:\n{p.stderr[-4000:]}"
+        return [p.stdout for p in procs]
+
+    auc = r"^  test AUC full ([\d.]+)$"
+    chief, other = launch("ecg")
+    # No PT, fixed and meta-learned augmentation: the same test AUCs on both workers.
+    assert len(_logged(chief, auc)) == 3 and _logged(other, auc) == _logged(chief, auc)
+    assert "This is worker 1, not the chief" in other and "Results:" not in other
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["export"] == str(workdir / "export" / "1")
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]  # one writer
+    meta = json.loads((workdir / "seed_0" / "simclr_meta" / "n_10" / "result.json").read_text())
+    assert f"{meta['test_auc']['full']:.4f}" == _logged(other, auc)[2]
+
+    # Restarted: every worker skips the same three finished parts (the chief's
+    # reading of the workdir), so no collective is left waiting, and nothing is redone.
+    chief2, other2 = launch("ecg again")
+    for out in (chief2, other2):
+        assert out.count("done before: test AUC full") == 3
+        assert "warm-up PT step" not in out
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]
