@@ -95,7 +95,7 @@ def export_for_serving(
         return {key: tf.convert_to_tensor(value) for key, value in outputs.items()}
 
     signature = tf.function(serve, input_signature=[specs[n] for n in names])
-    concrete = signature.get_concrete_function()
+    signature.get_concrete_function()  # traced here: a bad serving_fn fails before any write
 
     tf.io.gfile.makedirs(export_base)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_base)
@@ -103,7 +103,10 @@ def export_for_serving(
         tf.saved_model.save(
             model,
             tmp,
-            signatures={SERVING_DEFAULT: concrete},
+            # The function, not its concrete function: TensorFlow saves a concrete
+            # function that reads distributed variables (e.g. batch norm's moving
+            # statistics under a multi-worker strategy) only from its tf.function.
+            signatures={SERVING_DEFAULT: signature},
             options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
         )
         os.replace(tmp, target)

@@ -367,15 +367,70 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().jobs
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` spans several worker processes (a cluster in TF_CONFIG)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is not None and bool(resolver.cluster_spec().as_dict())
+
+
+def worker_name(strategy: tf.distribute.Strategy) -> str:
+    """This process's task in the cluster, e.g. "worker 1" ("chief" without a cluster)."""
+    if not is_multi_worker(strategy):
+        return "chief"
+    resolver = strategy.cluster_resolver
+    return f"{resolver.task_type} {resolver.task_id}"
+
+
+@contextlib.contextmanager
+def output_dir(path: str, strategy: tf.distribute.Strategy) -> Iterator[str]:
+    """Where this worker writes what only the chief keeps: `path` on the chief, a
+    temporary directory (deleted on exit) on the other workers.
+
+    For writes every worker has to make because they can involve collectives
+    (checkpoints, SavedModels of distributed variables): TensorFlow's documented
+    multi-worker pattern.
+    """
+    if is_chief(strategy):
+        yield path
+        return
+    temp = tempfile.mkdtemp(prefix="metapt_worker_")
+    try:
+        yield os.path.join(temp, os.path.basename(os.path.normpath(path)))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def checkpoint_dir(workdir: str, strategy: tf.distribute.Strategy) -> Iterator[str]:
     """Where this worker writes checkpoints: `workdir/checkpoints` on the chief, a
     temporary directory (deleted on exit) on the other workers."""
-    if is_chief(strategy):
-        yield os.path.join(workdir, "checkpoints")
-        return
-    temp = tempfile.mkdtemp(prefix="metapt_worker_checkpoints_")
-    try:
-        yield os.path.join(temp, "checkpoints")
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    with output_dir(os.path.join(workdir, "checkpoints"), strategy) as path:
+        yield path
+
+
+def chief_flags(strategy: tf.distribute.Strategy, flags: Sequence[bool]) -> list[bool]:
+    """The chief's `flags` on every worker (one all-reduce; no communication without
+    several workers).
+
+    For decisions every worker must make alike because the work they lead to has
+    collectives (e.g. which finished runs to skip, read from files the chief
+    writes): every worker calls this at the same point with its own reading, and
+    all go on with the chief's.
+    """
+    flags = [bool(f) for f in flags]
+    if not is_multi_worker(strategy) or not flags:
+        return flags
+    chief = 1.0 if is_chief(strategy) else 0.0
+    local = len(strategy.extended.worker_devices)
+    values = tf.constant([float(f) * chief for f in flags], tf.float64)
+
+    @tf.function
+    def broadcast():
+        def replica_fn(x):
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+        return strategy.run(replica_fn, args=(values,))
+
+    # Every local replica of the chief contributed its flags once.
+    total = strategy.experimental_local_results(broadcast())[0].numpy() / local
+    return [bool(round(v)) for v in total]

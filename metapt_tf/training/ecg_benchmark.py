@@ -48,9 +48,15 @@ cross-replica all-gather, so `meta.hvp_mode="forward_over_reverse"` is refused
 under the strategy. What differs from one device is batch norm in training mode
 (the ResNet's and the augmentation pipeline's magnitude CNN's): each replica
 normalises its shard by that shard's moments. `data.pt_batch_size` must be a
-multiple of R. The benchmark runs in one process (results, figures and the
-export are written once), so "multi_worker_mirrored" is refused, and so is mixed
-precision.
+multiple of R. Mixed precision is refused.
+
+Under "multi_worker_mirrored" every worker runs this same program; the
+projections are gathered across all workers' replicas as above. Which parts a
+previous run finished is read once, before any work, and the chief's reading is
+used by every worker (`distribute.chief_flags`), so all skip the same parts. The
+chief writes everything listed above; the other workers save their checkpoints
+and SavedModel copies to temporary directories (`distribute.output_dir`), write
+nothing else, and end with a line naming the chief's workdir.
 """
 
 import dataclasses
@@ -146,18 +152,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
     meta = config.meta
-    if meta.distribute == "multi_worker_mirrored":
-        # Results, figures and the export are written by one process.
-        raise config_error("meta.distribute", meta.distribute, "'default' or 'mirrored' here")
     if meta.mixed_precision != "none":
         raise config_error("meta.mixed_precision", meta.mixed_precision, "'none' here")
-    if meta.distribute == "mirrored":
+    if meta.distribute in ("mirrored", "multi_worker_mirrored"):
         if meta.hvp_mode == "forward_over_reverse":
             raise config_error(
                 "meta.hvp_mode",
                 meta.hvp_mode,
-                "'reverse_over_reverse' under meta.distribute='mirrored' (forward-mode JVPs do "
-                "not pass through the cross-replica all-gather of the SimCLR projections)",
+                f"'reverse_over_reverse' under meta.distribute={meta.distribute!r} (forward-mode "
+                "JVPs do not pass through the cross-replica all-gather of the SimCLR projections)",
             )
         replicas = len([x for x in meta.devices.split(",") if x.strip()])
         if replicas and d.pt_batch_size % replicas:
@@ -454,6 +457,7 @@ def run(
     """Runs every method, N and FT mode over `config.seeds`; returns the results."""
     validate_config(config)
     strategy = distribute.make_strategy(config.meta)  # before any other op runs
+    chief = distribute.is_chief(strategy)
     say = log or (lambda _: None)
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -462,8 +466,21 @@ def run(
     ns = sorted(config.num_labelled)
     modes = list(config.finetune.modes)
     export_base = os.path.join(workdir, "export")
+    # What a previous run finished, read before any work: under several workers the
+    # chief's reading is every worker's (`chief_flags`), so all skip the same parts even
+    # if the chief writes a result.json while another worker is still reading.
+    parts = [(seed, method, n) for seed in config.seeds for method in config.methods for n in ns]
+    result_paths = {
+        (seed, method, n): os.path.join(workdir, f"seed_{seed}", method, f"n_{n}", "result.json")
+        for seed, method, n in parts
+    }
+    has_export = tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1
+    *finished, has_export = distribute.chief_flags(
+        strategy, [os.path.exists(result_paths[p]) for p in parts] + [has_export]
+    )
+    finished = {p for p, f in zip(parts, finished, strict=True) if f}
     exported = None
-    if tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1:
+    if has_export:
         exported = os.path.join(export_base, str(export.next_version(export_base) - 1))
     export_key = (
         config.seeds[0],
@@ -484,12 +501,12 @@ def run(
             for n in ns:
                 done += 1
                 run_dir = os.path.join(workdir, f"seed_{seed}", method, f"n_{n}")
-                result_path = os.path.join(run_dir, "result.json")
+                result_path = result_paths[(seed, method, n)]
                 say(
                     f"[{done}/{total}] seed {seed}, {METHOD_NAMES[method]}, N={n} "
                     f"({(time.perf_counter() - start) / 60:.1f} min so far)"
                 )
-                if os.path.exists(result_path):
+                if (seed, method, n) in finished:
                     per_run.append(_json_load(result_path))
                     say("  done before: " + _auc_text(per_run[-1]))
                     continue
@@ -515,11 +532,25 @@ def run(
                         and config.export
                         and exported is None
                     ):
-                        exported = _export(tuned.model, config.data.length, export_base)
-                        say(f"  SavedModel: {exported}")
+                        # Every worker saves (saving distributed variables can involve
+                        # collectives); the others' copies go to a directory deleted after.
+                        with distribute.output_dir(export_base, strategy) as base:
+                            exported = _export(tuned.model, config.data.length, base)
+                        if chief:
+                            say(f"  SavedModel: {exported}")
                 say("  " + _auc_text(entry))
-                reporting.write_json(result_path, entry)
-                per_run.append(_json_load(result_path))
+                if chief:
+                    reporting.write_json(result_path, entry)
+                    per_run.append(_json_load(result_path))
+                else:
+                    per_run.append(reporting.to_jsonable(entry))
+
+    if not chief:
+        say(
+            f"This is {distribute.worker_name(strategy)}, not the chief: the chief writes the "
+            f"results, figures and SavedModel to {workdir}."
+        )
+        return _aggregate(config, data, per_run, None, time.perf_counter() - start)
 
     results = _aggregate(config, data, per_run, exported, time.perf_counter() - start)
     table = _table(config, results)

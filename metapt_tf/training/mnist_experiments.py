@@ -19,8 +19,17 @@ and evaluation on a held-out FT test set. The meta-PT model of the first seed
 is exported as a SavedModel for TF Serving. Everything lands in `workdir`:
 `results.json`, `results.md`, PNG figures, TensorBoard logs and checkpoints
 (per run), and `export/<version>/`. Re-running with the same workdir resumes.
+
+Under `meta.distribute="multi_worker_mirrored"` every worker runs this same
+program (the same data, seeds, online runs and fine-tuning: their steps are
+collectives). The chief writes everything above; the other workers keep their
+checkpoints and SavedModel copies in temporary directories (`distribute`), write
+nothing else, and end with a line naming the chief's workdir. Each worker logs
+the SHA-256 of the learned phi and its FT test accuracy (phi's digest is also in
+`results.json`), so the workers' logs can be compared.
 """
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -107,12 +116,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise config_error(f"finetune.{field}", v, "an int >= 1")
     online.validate_config(config.meta)
-    if config.meta.distribute == "multi_worker_mirrored":
-        # online.run and fine-tuning are written for every worker, but this
-        # binary writes its results, figures and export from one process.
-        raise config_error(
-            "meta.distribute", config.meta.distribute, "'default' or 'mirrored' here"
-        )
     for field in ("pt_batch_size", "meta_pt_batch_size"):
         replicas = len([x for x in config.meta.devices.split(",") if x.strip()])
         if config.meta.distribute == "mirrored" and replicas and d[field] % replicas:
@@ -274,6 +277,7 @@ def run(
     say = log or (lambda _: None)
     start = time.perf_counter()
     strategy = distribute.make_strategy(config.meta)  # before any other op runs
+    chief = distribute.is_chief(strategy)
     tf.config.experimental.enable_op_determinism()
     os.makedirs(workdir, exist_ok=True)
     digits = mnist.load_digits(config.data.source)
@@ -324,7 +328,10 @@ def run(
                 seed=seed,
                 strategy=strategy,
             )
-            say(f"[seed {seed}] {method}: FT test accuracy {tuned.test_accuracy:.4f}")
+            say(
+                f"[seed {seed}] {method}: FT test accuracy {tuned.test_accuracy:.4f}, "
+                f"loss {tuned.test_loss:.6f}"
+            )
             entry = {
                 "ft_test_accuracy": tuned.test_accuracy,
                 "ft_test_loss": tuned.test_loss,
@@ -335,13 +342,28 @@ def run(
             if method == "meta_pt":
                 entry["history"] = result.history
                 entry.update(_meta_summary(config, meta, split))
-                np.save(os.path.join(run_dir, "phi.npy"), meta.variables_list[0].numpy())
+                phi = meta.variables_list[0].numpy()
+                entry["phi_sha256"] = hashlib.sha256(phi.tobytes()).hexdigest()
+                say(f"[seed {seed}] {method}: phi sha256 {entry['phi_sha256']}")
+                if chief:
+                    np.save(os.path.join(run_dir, "phi.npy"), phi)
                 if exported is None and config.export:
-                    exported = _export(tuned.model, os.path.join(workdir, "export"))
-                    say(f"SavedModel: {exported}")
+                    # Every worker saves (saving distributed variables can involve
+                    # collectives); the others' copies go to a directory deleted after.
+                    with distribute.output_dir(os.path.join(workdir, "export"), strategy) as base:
+                        exported = _export(tuned.model, base)
+                    if chief:
+                        say(f"SavedModel: {exported}")
             seed_result[method] = entry
         per_seed.append(seed_result)
 
+    if not chief:
+        results = _aggregate(config, per_seed, digits, None, time.perf_counter() - start)
+        say(
+            f"This is {distribute.worker_name(strategy)}, not the chief: the chief writes the "
+            f"results, figures and SavedModel to {workdir}."
+        )
+        return results
     results = _aggregate(config, per_seed, digits, exported, time.perf_counter() - start)
     table = _table(config, results)
     paths = reporting.write_results(workdir, _strip_history(results), table)

@@ -43,9 +43,10 @@ before PCGrad, and the GIN's batch norms are synchronised across replicas, so
 every step computes the one-device step's quantities (up to summation order);
 dropout draws its masks per replica, so with dropout (`model.pt_dropout`,
 `model.ft_dropout`) runs match one device in distribution only. HVPs must be
-reverse-over-reverse. Multi-worker and TPU strategies are refused here (the
-results, figures and export are written by one process); the online loop
-itself accepts them.
+reverse-over-reverse. Multi-worker and TPU strategies are refused here: the
+benchmark generates its dataset in the workdir and writes its finished-part
+markers, results, figures and export from one process (the online loop itself,
+and the MNIST and ECG binaries, run under "multi_worker_mirrored").
 
 Everything lands in `workdir`: the dataset (`data/`, generated once), one
 directory per seed/setting/method (checkpoints, TensorBoard, `result.json`;
@@ -134,9 +135,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     online.validate_config(config.meta)
     m = config.meta
     if m.distribute not in DISTRIBUTE:
-        # online.run would run on every worker (or the TPU); this binary's CoTrain,
-        # fine-tuning, evaluation and export are single-process.
-        raise config_error("meta.distribute", m.distribute, f"one of {DISTRIBUTE} here")
+        # The dataset is generated into the workdir by the process that runs, and the
+        # finished-part markers, results and export are written as the run goes: several
+        # workers would each generate it and race on those files.
+        raise config_error(
+            "meta.distribute",
+            m.distribute,
+            f"one of {DISTRIBUTE} here (this benchmark generates its dataset in the workdir "
+            "and writes its results from one process; the MNIST and ECG binaries run "
+            "under 'multi_worker_mirrored')",
+        )
     if m.mixed_precision != "none":
         raise config_error(
             "meta.mixed_precision", m.mixed_precision, "'none': the GIN runs in float32 here"

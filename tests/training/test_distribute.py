@@ -7,15 +7,17 @@ which this pytest process has long done. Every comparison is in float64 against
 the same computation on one device.
 """
 
+import hashlib
 import importlib.util
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import ml_collections
+import multi_worker  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -139,42 +141,21 @@ def test_problem_built_outside_the_strategy_scope_is_refused(mirrored):
     assert "distribute.scope(strategy" in message
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _run_workers(tmp_path: Path, workdir: Path, launch: str, **env) -> list[dict]:
     """Two MultiWorkerMirrored workers on 127.0.0.1; their reports (killed after 240 s)."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    procs, reports = [], [tmp_path / f"{launch}_worker{i}.json" for i in range(2)]
-    for i in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(CHECKS), "worker", str(reports[i])],
-                env=_env(TF_CONFIG=tf_config, METAPT_WORKDIR=str(workdir), **env),
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.communicate()
-        pytest.fail(f"{launch}: a worker did not finish within 240 s (a hung collective?).")
-    for i, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"{launch}, worker {i}:\n{err[-4000:]}"
+    reports = [tmp_path / f"{launch}_worker{i}.json" for i in range(2)]
+    procs = multi_worker.run_workers(
+        [[sys.executable, str(CHECKS), "worker", str(report)] for report in reports],
+        [
+            _env(TF_CONFIG=tf_config, METAPT_WORKDIR=str(workdir), **env)
+            for tf_config in multi_worker.tf_configs(2)
+        ],
+        cwd=ROOT,
+        timeout=240,
+        what=launch,
+    )
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"{launch}, worker {i}:\n{p.stderr[-4000:]}"
     return [json.loads(r.read_text()) for r in reports]
 
 
@@ -198,6 +179,98 @@ def test_two_workers_on_loopback_resume_and_end_with_the_same_phi(tmp_path):
     assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-16")
     assert (workdir / "history.json").exists()
     assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["checkpoints"]
+
+
+MNIST_TINY = [
+    "--config.seeds=(0,)",
+    "--config.data.num_pt=200",
+    "--config.data.num_ft_train=40",
+    "--config.data.num_ft_val=40",
+    "--config.data.num_ft_test=200",
+    "--config.data.pt_batch_size=32",
+    "--config.data.meta_pt_batch_size=64",
+    "--config.data.ft_batch_size=20",
+    "--config.model.architecture=mlp",
+    "--config.model.hidden_units=(16,)",
+    "--config.meta.warmup_steps=4",
+    "--config.meta.num_meta_steps=4",
+    "--config.meta.pt_steps_per_meta_step=2",
+    "--config.meta.log_every=2",
+    "--config.meta.checkpoint_every=2",
+    "--config.finetune.epochs=2",
+]
+
+
+def _mnist_binary_on_two_workers(workdir: Path, launch: str) -> list[str]:
+    """`trainers.meta_pretrain` under multi_worker_mirrored on 2 workers; their stdouts."""
+    command = [
+        sys.executable,
+        "-m",
+        "trainers.meta_pretrain",
+        "--config=configs/mnist_noisy_labels.py",
+        f"--workdir={workdir}",
+        "--config.meta.distribute=multi_worker_mirrored",
+        *MNIST_TINY,
+    ]
+    procs = multi_worker.run_workers(
+        [command, command],
+        [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
+        cwd=ROOT,
+        timeout=240,
+        what=launch,
+    )
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"{launch}, worker {i}:\n{p.stderr[-4000:]}"
+    return [p.stdout for p in procs]
+
+
+def _logged(stdout: str, pattern: str) -> list[str]:
+    return re.findall(pattern, stdout, flags=re.MULTILINE)
+
+
+def test_mnist_binary_on_two_workers_chief_writes_and_workers_agree(tmp_path):
+    workdir = tmp_path / "run"
+    chief, other = _mnist_binary_on_two_workers(workdir, "mnist")
+    finetuned = r"^\[seed 0\] (\w+): FT test accuracy ([\d.]+), loss ([\d.]+)$"
+    digest = r"^\[seed 0\] meta_pt: phi sha256 ([0-9a-f]{64})$"
+    # The same fine-tuning results (meta-PT and baseline) and the same phi on both.
+    assert len(_logged(chief, finetuned)) == 2
+    assert _logged(other, finetuned) == _logged(chief, finetuned)
+    assert len(_logged(chief, digest)) == 1 and _logged(other, digest) == _logged(chief, digest)
+
+    # Only the chief wrote results, figures, phi.npy and the export.
+    assert "Results:" in chief and "Results:" not in other
+    assert "This is worker 1, not the chief: the chief writes the results, figures and " in other
+    results = json.loads((workdir / "results.json").read_text())
+    entry = results["per_seed"][0]["meta_pt"]
+    phi = np.load(workdir / "seed_0" / "meta_pt" / "phi.npy")
+    assert entry["phi_sha256"] == hashlib.sha256(phi.tobytes()).hexdigest()
+    assert entry["phi_sha256"] == _logged(other, digest)[0]
+    accuracies = dict((m, float(a)) for m, a, _ in _logged(other, finetuned))
+    for method in ("meta_pt", "baseline_pt"):
+        assert f"{results['per_seed'][0][method]['ft_test_accuracy']:.4f}" == (
+            f"{accuracies[method]:.4f}"
+        )
+    assert results["export"] == str(workdir / "export" / "1")
+    assert (workdir / "export" / "1" / "saved_model.pb").is_file()
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]  # one writer
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "export",
+        "ft_val_loss.png",
+        "results.json",
+        "results.md",
+        "seed_0",
+        "weights.png",
+    ]
+
+    # Run again in the same workdir: both workers resume from the chief's final
+    # checkpoints, fine-tune alike, and the chief exports a second version.
+    chief2, other2 = _mnist_binary_on_two_workers(workdir, "mnist again")
+    for out in (chief2, other2):
+        assert out.count("Resuming from") == 2  # meta-PT and the baseline
+        assert _logged(out, digest) == _logged(chief, digest)
+        assert _logged(out, finetuned) == _logged(chief, finetuned)
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1", "2"]
 
 
 def test_config_fields_and_strategy_mismatches_are_named(monkeypatch):
@@ -234,13 +307,59 @@ def _experiment_config(name: str):
 def test_binaries_name_the_strategies_they_cannot_run():
     c = _experiment_config("mnist_noisy_labels")
     c.meta.distribute = "multi_worker_mirrored"
-    with pytest.raises(ValueError, match=r"config.meta.distribute must be 'default' or 'mirrored'"):
-        mnist_experiments.validate_config(c)
+    mnist_experiments.validate_config(c)  # accepted: every worker runs the binary
     c = _experiment_config("mnist_noisy_labels")
     c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1,/cpu:2"
     with pytest.raises(ValueError, match=r"data.pt_batch_size must be a multiple of the 3 config"):
         mnist_experiments.validate_config(c)
     c = _experiment_config("ppi_multitask")
     c.meta.distribute = "multi_worker_mirrored"
-    with pytest.raises(ValueError, match=r"config.meta.distribute must be one of .* here"):
+    with pytest.raises(
+        ValueError, match=r"config.meta.distribute must be one of .* here \(this benchmark gene"
+    ):
         ppi_benchmark.validate_config(c)
+
+
+def test_ecg_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(tmp_path):
+    workdir = tmp_path / "ecg"
+    command = [
+        sys.executable,
+        "-m",
+        "trainers.run_benchmark",
+        "--config=configs/ecg_simclr.py:smoke",
+        f"--workdir={workdir}",
+        "--config.meta.distribute=multi_worker_mirrored",
+        "--config.num_labelled=(10,)",
+        "--config.finetune.modes=('full',)",
+    ]
+
+    def launch(what):
+        procs = multi_worker.run_workers(
+            [command, command],
+            [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
+            cwd=ROOT,
+            timeout=240,
+            what=what,
+        )
+        for i, p in enumerate(procs):
+            assert p.returncode == 0, f"{what}, worker {i}:\n{p.stderr[-4000:]}"
+        return [p.stdout for p in procs]
+
+    auc = r"^  test AUC full ([\d.]+)$"
+    chief, other = launch("ecg")
+    # No PT, fixed and meta-learned augmentation: the same test AUCs on both workers.
+    assert len(_logged(chief, auc)) == 3 and _logged(other, auc) == _logged(chief, auc)
+    assert "This is worker 1, not the chief" in other and "Results:" not in other
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["export"] == str(workdir / "export" / "1")
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]  # one writer
+    meta = json.loads((workdir / "seed_0" / "simclr_meta" / "n_10" / "result.json").read_text())
+    assert f"{meta['test_auc']['full']:.4f}" == _logged(other, auc)[2]
+
+    # Restarted: every worker skips the same three finished parts (the chief's
+    # reading of the workdir), so no collective is left waiting, and nothing is redone.
+    chief2, other2 = launch("ecg again")
+    for out in (chief2, other2):
+        assert out.count("done before: test AUC full") == 3
+        assert "warm-up PT step" not in out
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]
