@@ -350,6 +350,18 @@ def inject_label_noise(
     return noisy, mask
 
 
+def _image_batch(images) -> tf.Tensor:
+    """`images` as a float tensor [B, H, W, C], or a ValueError saying what it is instead."""
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank is not None and images.shape.rank != 4:
+        raise ValueError(
+            f"images must have shape [B, H, W, C]. Received: shape={images.shape.as_list()}"
+        )
+    if not images.dtype.is_floating:
+        raise ValueError(f"images must be a float tensor. Received: dtype={images.dtype.name}")
+    return images
+
+
 def rotate_images(images: tf.Tensor, angles_degrees: tf.Tensor) -> tf.Tensor:
     """Rotates each image of a batch about its centre by its own angle.
 
@@ -371,13 +383,7 @@ def rotate_images(images: tf.Tensor, angles_degrees: tf.Tensor) -> tf.Tensor:
     Returns:
       Tensor like `images`.
     """
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank is not None and images.shape.rank != 4:
-        raise ValueError(
-            f"images must have shape [B, H, W, C]. Received: shape={images.shape.as_list()}"
-        )
-    if not images.dtype.is_floating:
-        raise ValueError(f"images must be a float tensor. Received: dtype={images.dtype.name}")
+    images = _image_batch(images)
     angles = tf.cast(tf.convert_to_tensor(angles_degrees), tf.float32)
     if angles.shape.rank is not None and angles.shape.rank > 1:
         raise ValueError(
@@ -425,11 +431,7 @@ def shift_images(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
     Returns:
       Tensor like `images`.
     """
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank is not None and images.shape.rank != 4:
-        raise ValueError(
-            f"images must have shape [B, H, W, C]. Received: shape={images.shape.as_list()}"
-        )
+    images = _image_batch(images)
     offsets = tf.round(tf.cast(tf.convert_to_tensor(offsets), tf.float32))
     if offsets.shape.rank is not None and (offsets.shape.rank != 2 or offsets.shape[-1] != 2):
         raise ValueError(

@@ -10,9 +10,7 @@ the same computation on one device.
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import ml_collections
 import multi_worker  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
+import subprocess_checks  # same directory
 import tensorflow as tf
 
 from metapt_tf.training import distribute, mnist_experiments, online, ppi_benchmark
@@ -35,34 +34,14 @@ CASES = [
 ]
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
-    env.pop("TF_CONFIG", None)
-    env.update(extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return env
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+_env = subprocess_checks.env
+_rel = subprocess_checks.rel_error
 
 
 @pytest.fixture(scope="module")
 def mirrored():
     """Everything measured on 2 logical CPUs, in one subprocess (about a minute)."""
-    proc = subprocess.run(
-        [sys.executable, str(CHECKS), "mirrored"],
-        env=_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(lines[-1][len(MARKER) :])
+    return subprocess_checks.run_report(CHECKS, "mirrored", marker=MARKER, timeout=300)
 
 
 def test_each_replica_gets_its_contiguous_half_of_the_global_batch(mirrored):

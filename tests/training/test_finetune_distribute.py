@@ -7,47 +7,29 @@ compared in float64 with the same call without a strategy, on sizes that do not
 split evenly over the replicas (padded batches, a partial last batch).
 """
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import benchmark_binary  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
+import subprocess_checks  # same directory
 
 from metapt_tf.training import ecg_benchmark, finetune
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 CHECKS = HERE / "finetune_distribute_checks.py"
 MARKER = "FINETUNE_DISTRIBUTE_CHECK "
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+_rel = subprocess_checks.rel_error
 
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
     """Everything measured on 2 logical CPUs, in one subprocess (about a minute)."""
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(CHECKS), str(tmp_path_factory.mktemp("ecg_mirrored"))],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = json.loads(lines[-1][len(MARKER) :])
+    workdir = str(tmp_path_factory.mktemp("ecg_mirrored"))
+    out = subprocess_checks.run_report(CHECKS, workdir, marker=MARKER, timeout=600)
     assert out["logical_cpus"] == 2
     return out
 

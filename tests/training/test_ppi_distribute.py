@@ -13,34 +13,21 @@ benchmark's smoke variant (meta-PT and CoTrain + PCGrad, each fine-tuned) with
 meta.distribute='mirrored'. No TPU exists here: "tpu" is checked for its error.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import benchmark_binary  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
+import subprocess_checks  # same directory
 
 from metapt_tf.training import distribute, online, ppi_benchmark
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 CHECKS = HERE / "distribute_checks.py"
 MARKER = "DISTRIBUTE_CHECK "
 
 
-def _env() -> dict:
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return env
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+_rel = subprocess_checks.rel_error
 
 
 def _experiment_config(name: str):
@@ -49,18 +36,7 @@ def _experiment_config(name: str):
 
 @pytest.fixture(scope="module")
 def gin():
-    proc = subprocess.run(
-        [sys.executable, str(CHECKS), "gin"],
-        env=_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(lines[-1][len(MARKER) :])
+    return subprocess_checks.run_report(CHECKS, "gin", marker=MARKER, timeout=600)
 
 
 def test_gin_meta_gradient_under_mirrored_equals_single_device(gin):
