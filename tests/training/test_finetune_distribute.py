@@ -97,7 +97,6 @@ def test_ecg_benchmark_runs_under_mirrored(checks):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("meta.distribute", "multi_worker_mirrored", "'default' or 'mirrored' here"),
         ("meta.mixed_precision", "mixed_bfloat16", "config.meta.mixed_precision must be 'none'"),
         ("meta.hvp_mode", "forward_over_reverse", "'reverse_over_reverse' under meta.distribute"),
         ("data.pt_batch_size", 9, "a multiple of the 2 config.meta.devices"),
@@ -107,8 +106,6 @@ def test_ecg_config_under_a_strategy_is_checked(field, value, message):
     config = benchmark_binary.load_config("configs/ecg_simclr.py", "smoke")
     config.meta.distribute, config.meta.devices = "mirrored", "/cpu:0,/cpu:1"
     ecg_benchmark.validate_config(config)  # mirrored itself is accepted
-    if field == "meta.distribute":
-        config.meta.devices = ""
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(ValueError, match=message):
