@@ -434,3 +434,14 @@ def chief_flags(strategy: tf.distribute.Strategy, flags: Sequence[bool]) -> list
     # Every local replica of the chief contributed its flags once.
     total = strategy.experimental_local_results(broadcast())[0].numpy() / local
     return [bool(round(v)) for v in total]
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Returns once every worker has called it (one all-reduce; nothing without several
+    workers).
+
+    For files one worker writes and the others then read: the writer calls it after
+    closing them, the readers before opening them. Every worker must call it the
+    same number of times, whatever it found on disk, or the collectives mismatch.
+    """
+    chief_flags(strategy, [True])

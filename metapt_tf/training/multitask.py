@@ -26,6 +26,12 @@ another all-reduce). With batch statistics that are global too (the GIN's
 synchronised, masked batch norms) and no dropout, a step computes the
 single-device step's quantities up to floating-point summation order. Dropout
 draws its masks per replica, so with dropout the runs agree in distribution only.
+
+Under a multi-worker strategy every worker runs `cotrain` in lockstep and saves
+at the same steps (saving can involve collectives); the chief writes the
+checkpoints, TensorBoard events and `history.json` to `workdir`, the others save
+their checkpoints to a temporary directory that is deleted at the end
+(`distribute.checkpoint_dir`), and every worker resumes from the chief's.
 """
 
 import dataclasses
@@ -171,17 +177,6 @@ def cotrain(
         ft_iterator=ft_iter,
     )
     os.makedirs(workdir, exist_ok=True)
-    manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=2
-    )
-    history_path = os.path.join(workdir, "history.json")
-    records: list[dict] = []
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        if os.path.exists(history_path):
-            with open(history_path) as f:
-                records = [r for r in json.load(f) if r["step"] <= int(step.numpy())]
-        say(f"Resuming co-training from {manager.latest_checkpoint} (step {int(step.numpy())}).")
     n_shared = len(shared_params)
 
     def real_count(batch):
@@ -250,41 +245,64 @@ def cotrain(
             ft_losses = ft_losses.write(i, tf.cast(replicas.sum(ft_loss), tf.float32))
         return pt_losses.stack(), ft_losses.stack()
 
-    writer = tf.summary.create_file_writer(workdir)
     name = "CoTrain + PCGrad" if use_pcgrad else "CoTrain"
-    while int(step.numpy()) < num_steps:
-        done = int(step.numpy())
-        n = min(log_every, num_steps - done)
-        t0 = time.perf_counter()
-        pt_l, ft_l = (x.numpy() for x in train_steps(tf.constant(n)))
-        if not (np.all(np.isfinite(pt_l)) and np.all(np.isfinite(ft_l))):
-            raise FloatingPointError(
-                f"{name}: non-finite loss between steps {done + 1} and {done + n} "
-                f"(PT {pt_l.tolist()[-1]}, FT {ft_l.tolist()[-1]}); lower the learning rate "
-                f"({learning_rate}). The last checkpoint is in {manager.directory}."
-            )
-        rate = n / (time.perf_counter() - t0)
-        entry = {
-            "step": done + n,
-            "pt_loss": float(pt_l.mean()),
-            "ft_loss": float(ft_l.mean()),
-            "conflict_fraction": int(conflicts.numpy()) / (done + n),
-            "steps_per_sec": rate,
-        }
-        records.append(entry)
-        with writer.as_default(step=done + n):
-            for key, value in entry.items():
-                if key != "step":
-                    tf.summary.scalar(key, value)
-        writer.flush()
-        say(
-            f"{name} step {done + n}/{num_steps}  pt_loss {entry['pt_loss']:.4f}  "
-            f"ft_loss {entry['ft_loss']:.4f}  {rate:.1f} steps/s"
+    chief = distribute.is_chief(strategy)
+    with distribute.checkpoint_dir(workdir, strategy) as checkpoint_dir:
+        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
+        # Every worker resumes from the chief's checkpoints.
+        restore_dir = os.path.join(workdir, "checkpoints")
+        restore = (
+            manager
+            if os.path.normpath(checkpoint_dir) == os.path.normpath(restore_dir)
+            else tf.train.CheckpointManager(checkpoint, restore_dir, max_to_keep=2)
         )
-        if (done + n) % checkpoint_every < n or done + n >= num_steps:
-            manager.save(checkpoint_number=done + n)
-            reporting.write_json(history_path, records)
-    writer.close()
+        history_path = os.path.join(workdir, "history.json")
+        records: list[dict] = []
+        if restore.latest_checkpoint:
+            checkpoint.restore(restore.latest_checkpoint).assert_existing_objects_matched()
+            if os.path.exists(history_path):
+                with open(history_path) as f:
+                    records = [r for r in json.load(f) if r["step"] <= int(step.numpy())]
+            say(
+                f"Resuming co-training from {restore.latest_checkpoint} (step {int(step.numpy())})."
+            )
+        writer = (
+            tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
+        )
+        while int(step.numpy()) < num_steps:
+            done = int(step.numpy())
+            n = min(log_every, num_steps - done)
+            t0 = time.perf_counter()
+            pt_l, ft_l = (x.numpy() for x in train_steps(tf.constant(n)))
+            if not (np.all(np.isfinite(pt_l)) and np.all(np.isfinite(ft_l))):
+                raise FloatingPointError(
+                    f"{name}: non-finite loss between steps {done + 1} and {done + n} "
+                    f"(PT {pt_l.tolist()[-1]}, FT {ft_l.tolist()[-1]}); lower the learning rate "
+                    f"({learning_rate}). The last checkpoint is in {manager.directory}."
+                )
+            rate = n / (time.perf_counter() - t0)
+            entry = {
+                "step": done + n,
+                "pt_loss": float(pt_l.mean()),
+                "ft_loss": float(ft_l.mean()),
+                "conflict_fraction": int(conflicts.numpy()) / (done + n),
+                "steps_per_sec": rate,
+            }
+            records.append(entry)
+            with writer.as_default(step=done + n):
+                for key, value in entry.items():
+                    if key != "step":
+                        tf.summary.scalar(key, value)
+            writer.flush()
+            say(
+                f"{name} step {done + n}/{num_steps}  pt_loss {entry['pt_loss']:.4f}  "
+                f"ft_loss {entry['ft_loss']:.4f}  {rate:.1f} steps/s"
+            )
+            if (done + n) % checkpoint_every < n or done + n >= num_steps:
+                if chief:
+                    reporting.write_json(history_path, records)
+                manager.save(checkpoint_number=done + n)
+        writer.close()
     keys = list(dict.fromkeys(k for r in records for k in r))
     return CotrainResult(
         steps=int(step.numpy()),

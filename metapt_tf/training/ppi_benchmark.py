@@ -43,10 +43,30 @@ before PCGrad, and the GIN's batch norms are synchronised across replicas, so
 every step computes the one-device step's quantities (up to summation order);
 dropout draws its masks per replica, so with dropout (`model.pt_dropout`,
 `model.ft_dropout`) runs match one device in distribution only. HVPs must be
-reverse-over-reverse. Multi-worker and TPU strategies are refused here: the
-benchmark generates its dataset in the workdir and writes its finished-part
-markers, results, figures and export from one process (the online loop itself,
-and the MNIST and ECG binaries, run under "multi_worker_mirrored").
+reverse-over-reverse.
+
+"multi_worker_mirrored" runs the same steps over the replicas of every worker;
+every worker runs this same program with its own `TF_CONFIG`, and the workdir
+must be on a filesystem all workers read. The chief (worker 0) alone generates
+the synthetic dataset, when `data/task_info.json` (written last, by a rename)
+is not there yet; then every worker passes one barrier (`distribute.barrier`, an
+all-reduce) before reading the dataset, so the others read files the chief has
+closed. Every worker passes that barrier whether or not the chief generated
+anything, so all run the same collectives, and on a restart with the dataset in
+place no worker generates it. (Generating the seeded dataset on every worker
+into a temporary directory and comparing it with the chief's would give the
+same data at the cost of generating it once per worker, and would still need a
+collective to wait for the chief's copy.) Which runs a previous launch finished
+(their `result.json`) and whether it exported is read once, before any
+training, and the chief's reading is every worker's (`distribute.chief_flags`,
+one all-reduce), so all skip the same runs. The chief writes the `result.json`
+files, results, figure and export; every worker trains, fine-tunes and saves
+the SavedModel (saving distributed variables can involve collectives), the
+others into a temporary directory that is deleted (`distribute.output_dir`),
+and the others end with a line naming the chief's workdir. The online loop and
+CoTrain write their checkpoints, TensorBoard events and histories the same way
+(`online`, `multitask`). "tpu" is refused: the benchmark's CoTrain, fine-tuning
+and evaluation have not been run on a TPU.
 
 Everything lands in `workdir`: the dataset (`data/`, generated once), one
 directory per seed/setting/method (checkpoints, TensorBoard, `result.json`;
@@ -85,7 +105,8 @@ METHOD_NAMES = {
     "meta_pt": "Meta-parameterized PT",
 }
 SOURCES = ("synthetic", "tfrecord")
-DISTRIBUTE = ("default", "mirrored")  # config.meta.distribute values this benchmark runs
+# config.meta.distribute values this benchmark runs
+DISTRIBUTE = ("default", "mirrored", "multi_worker_mirrored")
 EVAL_BATCH_SIZE = 256  # test graphs per evaluation batch
 FILES = ("pt.tfrecord", "ft_train.tfrecord", "test.tfrecord")
 SCHEMA_FILE = "schema.pbtxt"
@@ -135,28 +156,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     online.validate_config(config.meta)
     m = config.meta
     if m.distribute not in DISTRIBUTE:
-        # The dataset is generated into the workdir by the process that runs, and the
-        # finished-part markers, results and export are written as the run goes: several
-        # workers would each generate it and race on those files.
         raise config_error(
             "meta.distribute",
             m.distribute,
-            f"one of {DISTRIBUTE} here (this benchmark generates its dataset in the workdir "
-            "and writes its results from one process; the MNIST and ECG binaries run "
-            "under 'multi_worker_mirrored')",
+            f"one of {DISTRIBUTE} here (this benchmark's CoTrain, fine-tuning and evaluation "
+            "have not been run on a TPU; the online loop alone runs under 'tpu')",
         )
     if m.mixed_precision != "none":
         raise config_error(
             "meta.mixed_precision", m.mixed_precision, "'none': the GIN runs in float32 here"
         )
-    if m.distribute == "mirrored":
+    if m.distribute in ("mirrored", "multi_worker_mirrored"):
         if m.hvp_mode != "reverse_over_reverse":
             # The synchronised batch norms all-reduce inside the PT loss; forward-mode
             # tangents do not pass through those all-reduces correctly.
             raise config_error(
                 "meta.hvp_mode",
                 m.hvp_mode,
-                "'reverse_over_reverse' with meta.distribute='mirrored' (the GIN's batch "
+                f"'reverse_over_reverse' with meta.distribute={m.distribute!r} (the GIN's batch "
                 "norms are synchronised across replicas, which forward-mode HVPs do not support)",
             )
         replicas = len([x for x in m.devices.split(",") if x.strip()])
@@ -197,12 +214,33 @@ def _find(directory: str, name: str) -> str | None:
     return None
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
-    """The synthetic benchmark (generated once into workdir/data) or a converted dataset."""
+def prepare_data(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    say,
+    strategy: tf.distribute.Strategy | None = None,
+) -> _Data:
+    """The synthetic benchmark (generated once into workdir/data) or a converted dataset.
+
+    Args:
+      config: the benchmark's config (`config.data` is read).
+      workdir: the synthetic dataset goes to `workdir/data`.
+      say: logs a line.
+      strategy: under several workers, only the chief generates the dataset, and
+        every worker passes one barrier before reading it (see the module docstring).
+        None: one process.
+
+    Raises:
+      FileNotFoundError: a dataset file is missing.
+      ValueError: a file holds no records, or task_info.json disagrees with the schema.
+    """
     d = config.data
+    strategy = strategy if strategy is not None else tf.distribute.get_strategy()
     if d.source == "synthetic":
         directory = os.path.join(workdir, "data")
-        if not os.path.exists(os.path.join(directory, SCHEMA_FILE)):
+        # task_info.json is written last (by a rename): a dataset without it is unfinished.
+        generate = not os.path.exists(os.path.join(directory, TASK_INFO_FILE))
+        if generate and distribute.is_chief(strategy):
             s = d.synthetic
             say(
                 f"Generating the synthetic PPI-like benchmark ({s.num_pt_graphs} PT, "
@@ -210,6 +248,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, say) -> _Data:
                 f"{s.num_pt_tasks} PT tasks, {s.num_ft_tasks} FT tasks) in {directory}."
             )
             synthetic_ppi.write_synthetic_benchmark(directory, **s.to_dict())
+        # The chief has closed every file; the other workers read them after this.
+        distribute.barrier(strategy)
         description = "synthetic PPI-like ego-graphs"
     else:
         directory = d.dir
@@ -395,11 +435,11 @@ def _json_load(path):
 class _Runner:
     """Trains and evaluates the methods of one seed; caches finished results."""
 
-    def __init__(self, config, data: _Data, workdir: str, seed: int, say):
+    def __init__(self, config, data: _Data, workdir: str, seed: int, say, strategy):
         self.config, self.data, self.workdir, self.seed, self.say = config, data, workdir, seed, say
         # Meta-PT and the PT baselines (online.run) under config.meta.distribute;
         # with several replicas their PT batches are padded graphs cut per replica.
-        self.strategy = distribute.make_strategy(config.meta)
+        self.strategy = strategy
         replicas = int(self.strategy.num_replicas_in_sync)
         shards = replicas if distribute.strategy_kind(self.strategy) != "default" else 0
         for field in ("pt_batch_size", "meta_pt_batch_size"):
@@ -666,36 +706,53 @@ def run(
 ) -> dict:
     """Runs every method in every setting over `config.seeds`; returns the results."""
     validate_config(config)
+    strategy = distribute.make_strategy(config.meta)  # before any other op runs
+    chief = distribute.is_chief(strategy)
     say = log or (lambda _: None)
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    data = prepare_data(config, workdir, say)
+    data = prepare_data(config, workdir, say, strategy)
     say(
         f"Data: {data.description}: {data.num_pt_tasks} PT tasks, {data.num_ft_tasks} FT tasks, "
         f"{data.num_ft_graphs} labelled FT graphs."
     )
     per_run: list[dict] = []
     export_base = os.path.join(workdir, "export")
+    # What a previous run finished, read before any work: under several workers the
+    # chief's reading is every worker's (`chief_flags`), so all skip the same runs even
+    # if the chief writes a result.json while another worker is still reading.
+    parts = [(s, g, m) for s in config.seeds for g in config.settings for m in config.methods]
+    result_paths = {
+        (seed, setting, method): os.path.join(
+            workdir, f"seed_{seed}", setting, method, "result.json"
+        )
+        for seed, setting, method in parts
+    }
+    has_export = tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1
+    *finished, has_export = distribute.chief_flags(
+        strategy, [os.path.exists(result_paths[p]) for p in parts] + [has_export]
+    )
+    finished = {p for p, f in zip(parts, finished, strict=True) if f}
     exported = None  # the first meta-PT model of the full setting; kept from a previous run
-    if tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1:
+    if has_export:
         exported = os.path.join(export_base, str(export.next_version(export_base) - 1))
     total = len(config.seeds) * len(config.settings) * len(config.methods)
     done = 0
     for seed in config.seeds:
-        runner = _Runner(config, data, workdir, seed, say)
+        runner = _Runner(config, data, workdir, seed, say, strategy)
         supervised = oracle = None  # PT with fixed weights: once per seed, for every setting
         for setting_name in config.settings:
             setting = make_setting(setting_name, data, config, seed)
             for method in config.methods:
                 run_dir = os.path.join(workdir, f"seed_{seed}", setting_name, method)
-                result_path = os.path.join(run_dir, "result.json")
+                result_path = result_paths[(seed, setting_name, method)]
                 done += 1
                 elapsed = time.perf_counter() - start
                 say(
                     f"[{done}/{total}] seed {seed}, {setting_name}, {METHOD_NAMES[method]} "
                     f"({elapsed / 60:.1f} min so far)"
                 )
-                if os.path.exists(result_path):
+                if (seed, setting_name, method) in finished:
                     per_run.append(_json_load(result_path))
                     say(f"  done before: test AUC {per_run[-1]['test_auc']:.4f}")
                     continue
@@ -734,16 +791,30 @@ def run(
                     "per_task_auc": tuned.per_task_auc,
                     **extra,
                 }
-                reporting.write_json(result_path, entry)
-                per_run.append(_json_load(result_path))
+                if chief:
+                    reporting.write_json(result_path, entry)
+                    per_run.append(_json_load(result_path))
+                else:
+                    per_run.append(reporting.to_jsonable(entry))
                 if (
                     method == "meta_pt"
                     and setting_name == "full"
                     and config.export
                     and exported is None
                 ):
-                    exported = _export(tuned.model, data.schema, export_base)
-                    say(f"SavedModel: {exported}")
+                    # Every worker saves (saving distributed variables can involve
+                    # collectives); the others' copies go to a directory deleted after.
+                    with distribute.output_dir(export_base, strategy) as base:
+                        exported = _export(tuned.model, data.schema, base)
+                    if chief:
+                        say(f"SavedModel: {exported}")
+
+    if not chief:
+        say(
+            f"This is {distribute.worker_name(strategy)}, not the chief: the chief writes the "
+            f"results, figure and SavedModel to {workdir}."
+        )
+        return _aggregate(config, data, per_run, None, time.perf_counter() - start)
 
     results = _aggregate(config, data, per_run, exported, time.perf_counter() - start)
     table = _table(config, results)

@@ -293,8 +293,18 @@ def test_binaries_name_the_strategies_they_cannot_run():
         mnist_experiments.validate_config(c)
     c = _experiment_config("ppi_multitask")
     c.meta.distribute = "multi_worker_mirrored"
+    ppi_benchmark.validate_config(c)  # accepted: the chief generates the data, all read it
+    c.meta.hvp_mode = "forward_over_reverse"
     with pytest.raises(
-        ValueError, match=r"config.meta.distribute must be one of .* here \(this benchmark gene"
+        ValueError,
+        match=r"config.meta.hvp_mode must be 'reverse_over_reverse' with "
+        r"meta.distribute='multi_worker_mirrored'",
+    ):
+        ppi_benchmark.validate_config(c)
+    c = _experiment_config("ppi_multitask")
+    c.meta.distribute = "tpu"
+    with pytest.raises(
+        ValueError, match=r"config.meta.distribute must be one of .* here \(this benchmark's Co"
     ):
         ppi_benchmark.validate_config(c)
 
@@ -341,4 +351,62 @@ def test_ecg_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
     for out in (chief2, other2):
         assert out.count("done before: test AUC full") == 3
         assert "warm-up PT step" not in out
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]
+
+
+def test_ppi_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(tmp_path):
+    workdir = tmp_path / "ppi"
+    command = [
+        sys.executable,
+        "-m",
+        "trainers.run_benchmark",
+        "--config=configs/ppi_multitask.py:smoke",
+        f"--workdir={workdir}",
+        "--config.meta.distribute=multi_worker_mirrored",
+        "--config.methods=('meta_pt',)",
+        "--config.settings=('full',)",
+    ]
+
+    def launch(what):
+        procs = multi_worker.run_workers(
+            [command, command],
+            [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
+            cwd=ROOT,
+            timeout=240,
+            what=what,
+        )
+        for i, p in enumerate(procs):
+            assert p.returncode == 0, f"{what}, worker {i}:\n{p.stderr[-4000:]}"
+        return [p.stdout for p in procs]
+
+    generating = "Generating the synthetic PPI-like benchmark"
+    auc = r"^  test AUC ([\d.]+)$"
+    chief, other = launch("ppi")
+    # The chief alone generated the dataset; both read it and fine-tuned alike.
+    assert generating in chief and generating not in other
+    assert len(_logged(chief, auc)) == 1 and _logged(other, auc) == _logged(chief, auc)
+    assert "This is worker 1, not the chief" in other and "Results:" not in other
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["export"] == str(workdir / "export" / "1")
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]  # one writer
+    meta = json.loads((workdir / "seed_0" / "full" / "meta_pt" / "result.json").read_text())
+    assert f"{meta['test_auc']:.4f}" == _logged(other, auc)[0]
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "data",
+        "export",
+        "results.json",
+        "results.md",
+        "seed_0",
+        "task_weights.png",
+    ]
+    data_files = {p.name: p.stat().st_mtime_ns for p in (workdir / "data").iterdir()}
+
+    # Restarted: the dataset is there (no worker generates it, and both still pass the
+    # same barrier), and every worker skips the finished run (the chief's reading).
+    chief2, other2 = launch("ppi again")
+    for out in (chief2, other2):
+        assert generating not in out
+        assert _logged(out, r"^  done before: test AUC ([\d.]+)$") == _logged(chief, auc)
+        assert "warm-up PT step" not in out
+    assert {p.name: p.stat().st_mtime_ns for p in (workdir / "data").iterdir()} == data_files
     assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]
