@@ -25,7 +25,10 @@ How one step is split over R replicas (the loop's compiled steps, `online._Loop`
   gradients and every replica applies the same update.
 * FT unroll. Replicated: every replica runs the K FT steps on the full (small)
   FT batches, so v is the single-device v on every replica, with no
-  communication.
+  communication. (Unless the backbone keeps per-replica state that the unroll
+  reads: the moving statistics of a batch norm trained on unsynchronised
+  shards differ between replicas, and so do their v; the meta-gradient is
+  still all-reduced, so phi stays identical.)
 * Implicit part. Each replica's PT loss is again its 1/R share, and
   `reduce_fn` (`Replicas.all_reduce_sum`) sums every HVP inside the solver's
   closure and the mixed term across replicas: both are linear in the loss, so
