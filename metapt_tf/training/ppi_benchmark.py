@@ -435,11 +435,12 @@ def _json_load(path):
 class _Runner:
     """Trains and evaluates the methods of one seed; caches finished results."""
 
-    def __init__(self, config, data: _Data, workdir: str, seed: int, say, strategy):
+    def __init__(self, config, data: _Data, workdir: str, seed: int, say, strategy=None):
         self.config, self.data, self.workdir, self.seed, self.say = config, data, workdir, seed, say
-        # Meta-PT and the PT baselines (online.run) under config.meta.distribute;
-        # with several replicas their PT batches are padded graphs cut per replica.
-        self.strategy = strategy
+        # Meta-PT and the PT baselines (online.run) under config.meta.distribute (the
+        # strategy `run` built from it; None: the default strategy, one device); with
+        # several replicas their PT batches are padded graphs cut per replica.
+        self.strategy = strategy or tf.distribute.get_strategy()
         replicas = int(self.strategy.num_replicas_in_sync)
         shards = replicas if distribute.strategy_kind(self.strategy) != "default" else 0
         for field in ("pt_batch_size", "meta_pt_batch_size"):
