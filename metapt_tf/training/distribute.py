@@ -93,10 +93,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import ml_collections
 import tensorflow as tf
+
+import export
 
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
@@ -437,6 +439,30 @@ def chief_flags(strategy: tf.distribute.Strategy, flags: Sequence[bool]) -> list
     # Every local replica of the chief contributed its flags once.
     total = strategy.experimental_local_results(broadcast())[0].numpy() / local
     return [bool(round(v)) for v in total]
+
+
+def previous_run(
+    strategy: tf.distribute.Strategy, result_paths: Mapping[Hashable, str], export_base: str
+) -> tuple[set, str | None]:
+    """What an earlier launch in the same workdir finished, as the chief reads it.
+
+    Read once, before any work: the keys of `result_paths` whose file exists, and
+    the newest SavedModel version under `export_base`. Under several workers the
+    chief's reading is every worker's (`chief_flags`), so all skip the same parts
+    even if the chief writes a result while another worker is still reading.
+
+    Returns:
+      (the finished keys, the newest export's directory or None).
+    """
+    keys = list(result_paths)
+    has_export = tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1
+    *finished, has_export = chief_flags(
+        strategy, [os.path.exists(result_paths[k]) for k in keys] + [has_export]
+    )
+    exported = None
+    if has_export:
+        exported = os.path.join(export_base, str(export.next_version(export_base) - 1))
+    return {k for k, f in zip(keys, finished, strict=True) if f}, exported
 
 
 def barrier(strategy: tf.distribute.Strategy) -> None:

@@ -466,22 +466,14 @@ def run(
     ns = sorted(config.num_labelled)
     modes = list(config.finetune.modes)
     export_base = os.path.join(workdir, "export")
-    # What a previous run finished, read before any work: under several workers the
-    # chief's reading is every worker's (`chief_flags`), so all skip the same parts even
-    # if the chief writes a result.json while another worker is still reading.
-    parts = [(seed, method, n) for seed in config.seeds for method in config.methods for n in ns]
+    # What a previous run finished, the same on every worker (`distribute.previous_run`).
     result_paths = {
         (seed, method, n): os.path.join(workdir, f"seed_{seed}", method, f"n_{n}", "result.json")
-        for seed, method, n in parts
+        for seed in config.seeds
+        for method in config.methods
+        for n in ns
     }
-    has_export = tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1
-    *finished, has_export = distribute.chief_flags(
-        strategy, [os.path.exists(result_paths[p]) for p in parts] + [has_export]
-    )
-    finished = {p for p, f in zip(parts, finished, strict=True) if f}
-    exported = None
-    if has_export:
-        exported = os.path.join(export_base, str(export.next_version(export_base) - 1))
+    finished, exported = distribute.previous_run(strategy, result_paths, export_base)
     export_key = (
         config.seeds[0],
         ns[-1],

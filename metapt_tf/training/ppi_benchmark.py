@@ -719,24 +719,17 @@ def run(
     )
     per_run: list[dict] = []
     export_base = os.path.join(workdir, "export")
-    # What a previous run finished, read before any work: under several workers the
-    # chief's reading is every worker's (`chief_flags`), so all skip the same runs even
-    # if the chief writes a result.json while another worker is still reading.
-    parts = [(s, g, m) for s in config.seeds for g in config.settings for m in config.methods]
+    # What a previous run finished, the same on every worker (`distribute.previous_run`);
+    # `exported`: the first meta-PT model of the full setting, kept from a previous run.
     result_paths = {
         (seed, setting, method): os.path.join(
             workdir, f"seed_{seed}", setting, method, "result.json"
         )
-        for seed, setting, method in parts
+        for seed in config.seeds
+        for setting in config.settings
+        for method in config.methods
     }
-    has_export = tf.io.gfile.isdir(export_base) and export.next_version(export_base) > 1
-    *finished, has_export = distribute.chief_flags(
-        strategy, [os.path.exists(result_paths[p]) for p in parts] + [has_export]
-    )
-    finished = {p for p, f in zip(parts, finished, strict=True) if f}
-    exported = None  # the first meta-PT model of the full setting; kept from a previous run
-    if has_export:
-        exported = os.path.join(export_base, str(export.next_version(export_base) - 1))
+    finished, exported = distribute.previous_run(strategy, result_paths, export_base)
     total = len(config.seeds) * len(config.settings) * len(config.methods)
     done = 0
     for seed in config.seeds:
