@@ -50,6 +50,18 @@ PADDING_CENTER = -1.0  # CENTER_FEATURE of padding nodes (real nodes: 0 or 1)
 MASK_KEY = "graph_mask"  # bool [components]: True for real ego-graphs
 
 
+def _plain_adjacency(edge_set: tfgnn.EdgeSet, name: str, caller: str) -> tfgnn.Adjacency:
+    """`edge_set`'s adjacency, which must be a plain `tfgnn.Adjacency` (source and
+    target indices), the only kind `caller` can cut and re-base."""
+    adjacency = edge_set.adjacency
+    if type(adjacency) is not tfgnn.Adjacency:
+        raise ValueError(
+            f"{caller} handles tfgnn.Adjacency only; edge set {name!r} has a "
+            f"{type(adjacency).__name__}."
+        )
+    return adjacency
+
+
 def padding_values() -> tfgnn.FeatureDefaultValues:
     """The feature values of padding items: `PADDING_CENTER` on nodes, zeros elsewhere."""
     return tfgnn.FeatureDefaultValues(
@@ -199,12 +211,7 @@ def _component_range(graph: tfgnn.GraphTensor, start, stop) -> tfgnn.GraphTensor
         )
     edge_sets = {}
     for name, piece in graph.edge_sets.items():
-        adjacency = piece.adjacency
-        if type(adjacency) is not tfgnn.Adjacency:
-            raise ValueError(
-                f"pad_blocks handles tfgnn.Adjacency only; edge set {name!r} has a "
-                f"{type(adjacency).__name__}."
-            )
+        adjacency = _plain_adjacency(piece, name, "pad_blocks")
         first, end = items(piece)
 
         def indices(tag, adjacency=adjacency, first=first, end=end):
@@ -348,12 +355,7 @@ def shard_graph(graph: tfgnn.GraphTensor, num_shards: int, shard) -> tfgnn.Graph
     }
     edge_sets = {}
     for name, piece in graph.edge_sets.items():
-        adjacency = piece.adjacency
-        if type(adjacency) is not tfgnn.Adjacency:
-            raise ValueError(
-                f"shard_graph handles tfgnn.Adjacency only; edge set {name!r} has a "
-                f"{type(adjacency).__name__}."
-            )
+        adjacency = _plain_adjacency(piece, name, "shard_graph")
 
         def indices(tag, adjacency=adjacency, name=name):
             node_set = adjacency.node_set_name(tag)

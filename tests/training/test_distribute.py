@@ -180,6 +180,21 @@ MNIST_TINY = [
 ]
 
 
+def _binary_on_two_workers(command: list[str], launch: str) -> list[str]:
+    """`command` on 2 workers of one multi_worker_mirrored cluster on 127.0.0.1; both must
+    exit 0. Returns their stdouts (the chief's first)."""
+    procs = multi_worker.run_workers(
+        [command, command],
+        [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
+        cwd=ROOT,
+        timeout=240,
+        what=launch,
+    )
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"{launch}, worker {i}:\n{p.stderr[-4000:]}"
+    return [p.stdout for p in procs]
+
+
 def _mnist_binary_on_two_workers(workdir: Path, launch: str) -> list[str]:
     """`trainers.meta_pretrain` under multi_worker_mirrored on 2 workers; their stdouts."""
     command = [
@@ -191,16 +206,7 @@ def _mnist_binary_on_two_workers(workdir: Path, launch: str) -> list[str]:
         "--config.meta.distribute=multi_worker_mirrored",
         *MNIST_TINY,
     ]
-    procs = multi_worker.run_workers(
-        [command, command],
-        [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
-        cwd=ROOT,
-        timeout=240,
-        what=launch,
-    )
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"{launch}, worker {i}:\n{p.stderr[-4000:]}"
-    return [p.stdout for p in procs]
+    return _binary_on_two_workers(command, launch)
 
 
 def _logged(stdout: str, pattern: str) -> list[str]:
@@ -322,20 +328,8 @@ def test_ecg_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
         "--config.finetune.modes=('full',)",
     ]
 
-    def launch(what):
-        procs = multi_worker.run_workers(
-            [command, command],
-            [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
-            cwd=ROOT,
-            timeout=240,
-            what=what,
-        )
-        for i, p in enumerate(procs):
-            assert p.returncode == 0, f"{what}, worker {i}:\n{p.stderr[-4000:]}"
-        return [p.stdout for p in procs]
-
     auc = r"^  test AUC full ([\d.]+)$"
-    chief, other = launch("ecg")
+    chief, other = _binary_on_two_workers(command, "ecg")
     # No PT, fixed and meta-learned augmentation: the same test AUCs on both workers.
     assert len(_logged(chief, auc)) == 3 and _logged(other, auc) == _logged(chief, auc)
     assert "This is worker 1, not the chief" in other and "Results:" not in other
@@ -347,7 +341,7 @@ def test_ecg_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
 
     # Restarted: every worker skips the same three finished parts (the chief's
     # reading of the workdir), so no collective is left waiting, and nothing is redone.
-    chief2, other2 = launch("ecg again")
+    chief2, other2 = _binary_on_two_workers(command, "ecg again")
     for out in (chief2, other2):
         assert out.count("done before: test AUC full") == 3
         assert "warm-up PT step" not in out
@@ -367,21 +361,9 @@ def test_ppi_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
         "--config.settings=('full',)",
     ]
 
-    def launch(what):
-        procs = multi_worker.run_workers(
-            [command, command],
-            [_env(TF_CONFIG=c) for c in multi_worker.tf_configs(2)],
-            cwd=ROOT,
-            timeout=240,
-            what=what,
-        )
-        for i, p in enumerate(procs):
-            assert p.returncode == 0, f"{what}, worker {i}:\n{p.stderr[-4000:]}"
-        return [p.stdout for p in procs]
-
     generating = "Generating the synthetic PPI-like benchmark"
     auc = r"^  test AUC ([\d.]+)$"
-    chief, other = launch("ppi")
+    chief, other = _binary_on_two_workers(command, "ppi")
     # The chief alone generated the dataset; both read it and fine-tuned alike.
     assert generating in chief and generating not in other
     assert len(_logged(chief, auc)) == 1 and _logged(other, auc) == _logged(chief, auc)
@@ -403,7 +385,7 @@ def test_ppi_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
 
     # Restarted: the dataset is there (no worker generates it, and both still pass the
     # same barrier), and every worker skips the finished run (the chief's reading).
-    chief2, other2 = launch("ppi again")
+    chief2, other2 = _binary_on_two_workers(command, "ppi again")
     for out in (chief2, other2):
         assert generating not in out
         assert _logged(out, r"^  done before: test AUC ([\d.]+)$") == _logged(chief, auc)
