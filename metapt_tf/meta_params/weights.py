@@ -8,7 +8,7 @@ phi = 0; a categorical distribution p = softmax(phi), uniform at phi = 0.
 import numpy as np
 import tensorflow as tf
 
-WEIGHTINGS = ("2sigmoid", "normalized")
+WEIGHTINGS = ("2sigmoid", "normalized", "normalized_per_class")
 
 
 def _check_count(name: str, value) -> int:
@@ -18,7 +18,7 @@ def _check_count(name: str, value) -> int:
 
 
 class _Weights(tf.Module):
-    def __init__(self, count: int, what: str, weighting: str, dtype, name: str):
+    def __init__(self, count: int, what: str, weighting: str, dtype, name: str, num_classes=None):
         super().__init__(name=name)
         if weighting not in WEIGHTINGS:
             raise ValueError(
@@ -26,6 +26,9 @@ class _Weights(tf.Module):
             )
         self.count = _check_count(what, count)
         self.weighting = weighting
+        self.num_classes = None
+        if weighting == "normalized_per_class":
+            self.num_classes = _check_count("num_classes", num_classes)
         self.phi = tf.Variable(tf.zeros([self.count], dtype), name="phi")
 
     @property
@@ -36,11 +39,27 @@ class _Weights(tf.Module):
         """w = 2 * sigmoid(phi) for every entry."""
         return 2.0 * tf.sigmoid(self.phi)
 
-    def weights(self, indices: tf.Tensor) -> tf.Tensor:
-        """The weights of `indices`; "normalized" rescales them to mean 1 over the batch."""
+    def weights(self, indices: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """The weights of `indices` in one batch.
+
+        "normalized" rescales them to mean 1 over the batch. "normalized_per_class"
+        rescales them to mean 1 within each label of the batch (`labels`, ints in
+        [0, num_classes)): every label keeps its share of the loss, so the weights
+        can rank examples within a label but cannot shift the class balance.
+        """
         w = tf.gather(self.all_weights(), indices)
         if self.weighting == "normalized":
             w = w / tf.reduce_mean(w)
+        elif self.weighting == "normalized_per_class":
+            if labels is None:
+                raise ValueError(
+                    "weighting='normalized_per_class' needs the batch's labels: "
+                    "call weights(indices, labels)."
+                )
+            one_hot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes, dtype=w.dtype)
+            counts = tf.reduce_sum(one_hot, axis=0)
+            sums = tf.linalg.matvec(one_hot, w, transpose_a=True)
+            w = w * tf.linalg.matvec(one_hot, tf.math.divide_no_nan(counts, sums))
         return w
 
 
@@ -53,8 +72,9 @@ class ExampleWeights(_Weights):
         weighting: str = "2sigmoid",
         dtype=tf.float32,
         name: str = "example_weights",
+        num_classes: int | None = None,
     ):
-        super().__init__(num_examples, "num_examples", weighting, dtype, name)
+        super().__init__(num_examples, "num_examples", weighting, dtype, name, num_classes)
 
 
 class TaskWeights(_Weights):

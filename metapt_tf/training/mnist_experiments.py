@@ -41,6 +41,7 @@ import tensorflow as tf
 from export import export_for_serving
 from metapt_tf.data import mnist
 from metapt_tf.meta_params import CategoricalDistribution, ExampleWeights
+from metapt_tf.meta_params.weights import WEIGHTINGS
 from metapt_tf.models import digit_backbone
 from metapt_tf.training import distribute, finetune, interfaces, online, reporting
 from metapt_tf.training.config_checks import config_error
@@ -95,6 +96,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise config_error("data.noise_rate", d.noise_rate, "in (0, 1)")
         if d.noise_kind not in mnist.NOISE_KINDS:
             raise config_error("data.noise_kind", d.noise_kind, f"one of {mnist.NOISE_KINDS}")
+        weighting = config.meta_params.weighting
+        if weighting not in WEIGHTINGS:
+            raise config_error("meta_params.weighting", weighting, f"one of {WEIGHTINGS}")
     else:
         a = config.augment
         if not a.bin_angles or len(set(a.bin_angles)) != len(a.bin_angles):
@@ -179,7 +183,9 @@ def _build_problem(config, split: _Split, seed: int):
     extra = {}
 
     if config.experiment == "mnist_noisy_labels":
-        weights = ExampleWeights(config.data.num_pt, weighting=config.meta_params.weighting)
+        weights = ExampleWeights(
+            config.data.num_pt, weighting=config.meta_params.weighting, num_classes=NUM_CLASSES
+        )
 
         def pt_loss_fn(batch):
             # float32 logits: the loss stays float32 under a mixed-precision policy.
@@ -187,7 +193,7 @@ def _build_problem(config, split: _Split, seed: int):
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 tf.cast(batch["label"], tf.int32), logits
             )
-            return tf.reduce_mean(weights.weights(batch["index"]) * ce)
+            return tf.reduce_mean(weights.weights(batch["index"], batch["label"]) * ce)
 
         def describe():
             w = weights.all_weights().numpy()

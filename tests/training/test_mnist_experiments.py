@@ -105,6 +105,13 @@ def test_bad_config_values_are_named(field, value, message):
         mnist_experiments.validate_config(c)
 
 
+def test_unknown_example_weighting_is_named():
+    c = _config("mnist_noisy_labels")
+    c.meta_params.weighting = "softmax"
+    with pytest.raises(ValueError, match="config.meta_params.weighting must be one of"):
+        mnist_experiments.validate_config(c)
+
+
 def test_auroc_matches_the_pairwise_definition():
     rng = np.random.default_rng(0)
     scores, labels = rng.normal(size=50).round(1), rng.uniform(size=50) < 0.4
