@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.augment.max_noise_scale = 0.1
     config.augment.warp_channels = 16
     config.augment.warp_conv_layers = 4
+    # The magnitude network's meta learning rate, as a multiple of meta.meta_learning_rate
+    # (the scalars g, noise scale and mask strength take meta.meta_learning_rate itself).
+    config.augment.network_meta_lr_scale = 1.0
 
     config.meta = online.default_config()
     config.meta.warmup_steps = 60

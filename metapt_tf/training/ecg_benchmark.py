@@ -146,6 +146,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         require_int(config, field, 1)
     if not float(a.initial_warp_scale) >= 0:
         raise config_error("augment.initial_warp_scale", a.initial_warp_scale, ">= 0")
+    scale = a.network_meta_lr_scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        raise config_error("augment.network_meta_lr_scale", scale, "a number > 0")
     f = config.finetune
     require_int(config, "finetune.steps", 1)
     if not float(f.learning_rate) > 0:
@@ -330,10 +333,17 @@ def build_problem(config, seed: int, probe: np.ndarray | None = None) -> SimclrP
         def describe_fn():
             return augmentation_summary(pipeline, probe_tensor)
 
+    # The magnitude network at its own meta learning rate, the scalars at the configured one.
+    network = {id(v) for layer in pipeline.time_warp.cnn_layers for v in layer.trainable_variables}
+    scales = [
+        float(config.augment.network_meta_lr_scale) if id(v) in network else 1.0
+        for v in pipeline.variables_list
+    ]
     problem = interfaces.MetaPretrainProblem(
         backbone=backbone,
         pt_params=backbone.trainable_variables + head.trainable_variables,
         meta_params=pipeline.variables_list,
+        meta_learning_rate_scales=scales,
         pt_loss_fn=pt_loss_fn,
         num_ft_classes=ecg.NUM_CLASSES,
         ft_input_key="signal",

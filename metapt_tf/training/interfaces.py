@@ -7,7 +7,7 @@ optimizers, the meta-gradient, checkpoints, summaries and progress output.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,10 @@ class MetaPretrainProblem:
         with non-trainable state) saved and restored with the loop's checkpoint.
         The backbone's non-trainable variables (batch-norm statistics) are
         always saved.
+      meta_learning_rate_scales: optional, one positive float per meta-parameter:
+        that variable's meta learning rate is `config.meta.meta_learning_rate`
+        times its scale (e.g. a slow augmentation network next to a fast scalar).
+        None: every meta-parameter at the configured rate.
     """
 
     backbone: tf.keras.Model
@@ -71,6 +75,7 @@ class MetaPretrainProblem:
     pt_batch_fn: Callable[[Batch], Batch] | None = None
     pt_shard_fn: Callable[[Batch, int, tf.Tensor], Batch] | None = None
     checkpoint_extras: Mapping[str, Any] | None = None
+    meta_learning_rate_scales: Sequence[float] | None = None
 
     def __post_init__(self):
         if not self.pt_params:
@@ -81,6 +86,16 @@ class MetaPretrainProblem:
             raise ValueError(
                 f"num_ft_classes must be an int >= 1. Received: {self.num_ft_classes!r}."
             )
+        scales = self.meta_learning_rate_scales
+        if scales is not None:
+            scales = list(scales)
+            if len(scales) != len(self.meta_params) or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in scales
+            ):
+                raise ValueError(
+                    "meta_learning_rate_scales must hold one positive number per meta-parameter "
+                    f"({len(self.meta_params)}). Received: {self.meta_learning_rate_scales!r}."
+                )
         pt_ids = {id(v) for v in self.pt_params}
         if any(id(v) in pt_ids for v in self.meta_params):
             raise ValueError("pt_params and meta_params must not share variables.")

@@ -227,13 +227,22 @@ def _keras_optimizer(name: str, learning_rate: float):
     return tf.keras.optimizers.SGD(learning_rate)
 
 
-def _meta_learning_rate(c: ml_collections.ConfigDict):
+def _meta_learning_rate(c: ml_collections.ConfigDict, scale: float = 1.0):
     steps = max(c.num_meta_steps, 1)
+    rate = c.meta_learning_rate * scale
     if c.meta_lr_decay == "linear":
-        return tf.keras.optimizers.schedules.PolynomialDecay(c.meta_learning_rate, steps, 0.0)
+        return tf.keras.optimizers.schedules.PolynomialDecay(rate, steps, 0.0)
     if c.meta_lr_decay == "cosine":
-        return tf.keras.optimizers.schedules.CosineDecay(c.meta_learning_rate, steps)
-    return c.meta_learning_rate
+        return tf.keras.optimizers.schedules.CosineDecay(rate, steps)
+    return rate
+
+
+def _meta_param_groups(scales, num_params: int) -> list[tuple[float, list[int]]]:
+    """(scale, indices of the meta-parameters with that learning-rate scale), in order."""
+    groups: dict[float, list[int]] = {}
+    for i, scale in enumerate(scales if scales is not None else [1.0] * num_params):
+        groups.setdefault(float(scale), []).append(i)
+    return list(groups.items())
 
 
 @dataclasses.dataclass
@@ -349,12 +358,20 @@ class _Loop:
             self.pt_optimizer = _keras_optimizer(c.pt_optimizer, c.pt_learning_rate)
             if self.loss_scaled:
                 self.pt_optimizer = tf.keras.mixed_precision.LossScaleOptimizer(self.pt_optimizer)
-            self.meta_optimizer = _keras_optimizer(
-                "sgd" if c.meta_optimizer == "normalized_sgd" else c.meta_optimizer,
-                _meta_learning_rate(c),
+            # One meta optimizer per learning-rate scale (a single one by default).
+            self.meta_groups = _meta_param_groups(
+                problem.meta_learning_rate_scales, len(self.meta_params)
             )
+            self.meta_optimizers = []
+            for scale, indices in self.meta_groups:
+                optimizer = _keras_optimizer(
+                    "sgd" if c.meta_optimizer == "normalized_sgd" else c.meta_optimizer,
+                    _meta_learning_rate(c, scale),
+                )
+                optimizer.build([self.meta_params[i] for i in indices])
+                self.meta_optimizers.append(optimizer)
+            self.meta_optimizer = self.meta_optimizers[0]
             self.pt_optimizer.build(self.pt_params)
-            self.meta_optimizer.build(self.meta_params)
             head = interfaces.init_head(
                 feature_dim, problem.num_ft_classes, self.generator, self.dtype
             )
@@ -374,6 +391,7 @@ class _Loop:
             ft_head_state=tf.nest.flatten(self.head_state),
             pt_optimizer=self.pt_optimizer,
             meta_optimizer=self.meta_optimizer,
+            **{f"meta_optimizer_{k}": o for k, o in enumerate(self.meta_optimizers) if k},
             pt_step=self.pt_step,
             meta_step=self.meta_step,
             skipped=self.skipped,
@@ -500,9 +518,11 @@ class _Loop:
 
     def _replica_apply_meta(self, grads):
         # The meta-gradient is already the same on every replica: no second all-reduce.
-        self.meta_optimizer.apply_gradients(
-            zip(grads, self.meta_params, strict=True), skip_gradients_aggregation=True
-        )
+        for optimizer, (_, indices) in zip(self.meta_optimizers, self.meta_groups, strict=True):
+            optimizer.apply_gradients(
+                [(grads[i], self.meta_params[i]) for i in indices],
+                skip_gradients_aggregation=True,
+            )
 
     # Compiled steps (cross-replica context).
     def _pt_steps(self, num_steps, head_steps):

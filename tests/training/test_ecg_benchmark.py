@@ -154,6 +154,7 @@ def test_bad_config_is_named_before_anything_runs(tmp_path):
         ("data.source", "tfds", "config.data.source"),
         ("temperature", 0.0, "config.temperature"),
         ("meta.hvp_mode", "finite_differences", "config.meta.hvp_mode"),
+        ("augment.network_meta_lr_scale", 0.0, "config.augment.network_meta_lr_scale"),
     ],
 )
 def test_validate_config_names_the_field(field, value, message):
@@ -209,3 +210,17 @@ def test_simclr_problem_sees_one_draw_per_batch_and_reaches_every_meta_param():
     assert {"s", "rho", "phi"} <= set(scalars) and all(v != 0.0 for v in scalars.values())
     summary = problem.describe_fn()
     assert summary["augment/warp_scale"] == pytest.approx(config.augment.initial_warp_scale)
+
+
+def test_magnitude_network_takes_its_own_meta_learning_rate():
+    config = _config()
+    config.augment.network_meta_lr_scale = 0.01
+    problem = ecg_benchmark.build_problem(config, seed=0).problem
+    by_name = {
+        p.name.split(":")[0]: scale
+        for p, scale in zip(problem.meta_params, problem.meta_learning_rate_scales, strict=True)
+    }
+    scalars = {n: s for n, s in by_name.items() if n.split("/")[-1] in ("s", "rho", "phi")}
+    network = {n: s for n, s in by_name.items() if n not in scalars}
+    assert len(scalars) == 3 and set(scalars.values()) == {1.0}
+    assert network and set(network.values()) == {0.01}  # every CNN variable, none else

@@ -36,13 +36,15 @@ def _dataset(arrays, batch, seed, shuffle=True):
     return ds.repeat().batch(batch, drop_remainder=True)
 
 
-def _problem(seed=0, nan_index=None, sqrt_weights=False, shuffle=True):
+def _problem(seed=0, nan_index=None, sqrt_weights=False, shuffle=True, lr_scales=None):
     tf.keras.utils.set_random_seed(seed)
     images, labels, noisy, scale = _data(seed, nan_index)
     backbone = digit_backbone("mlp", hidden_units=(16,), input_shape=SHAPE)
     pt_head = tf.keras.layers.Dense(CLASSES)
     pt_head.build((None, 16))
     weights = ExampleWeights(N_PT)
+    # With lr_scales: a second meta-parameter, a log-gain on the whole PT loss.
+    gain = tf.Variable(0.0, name="log_gain")
 
     def pt_loss_fn(batch):
         logits = pt_head(backbone(batch["image"], training=True))
@@ -51,16 +53,19 @@ def _problem(seed=0, nan_index=None, sqrt_weights=False, shuffle=True):
             w = tf.sqrt(tf.gather(weights.phi, batch["index"]))
         else:
             w = weights.weights(batch["index"])
-        return tf.reduce_mean(w * ce * batch["scale"])
+        loss = tf.reduce_mean(w * ce * batch["scale"])
+        return loss * tf.exp(gain) if lr_scales is not None else loss
 
     problem = interfaces.MetaPretrainProblem(
         backbone=backbone,
         pt_params=backbone.trainable_variables + pt_head.trainable_variables,
-        meta_params=weights.variables_list,
+        meta_params=weights.variables_list + ([gain] if lr_scales is not None else []),
         pt_loss_fn=pt_loss_fn,
         num_ft_classes=CLASSES,
         describe_fn=lambda: {"weights": weights.all_weights().numpy()},
+        meta_learning_rate_scales=lr_scales,
     )
+    weights.gain = gain
     pt = {
         "image": images[:N_PT],
         "label": noisy[:N_PT],
@@ -307,3 +312,42 @@ def test_pt_batch_fn_draws_and_batch_norm_statistics_resume_exactly(tmp_path):
     np.testing.assert_allclose(
         problem.backbone.layers[-1].moving_mean.numpy(), moving_mean, atol=1e-6
     )
+
+
+def test_meta_learning_rate_scales_set_each_variables_rate(tmp_path):
+    c = _config(num_meta_steps=1, warmup_steps=0, meta_optimizer="sgd", meta_learning_rate=0.5)
+    problem, weights, data = _problem(lr_scales=(1.0, 1.0))
+    online.run(problem, **data, config=c, workdir=str(tmp_path / "same"), log=None)
+    phi_same, gain_same = weights.phi.numpy(), float(weights.gain.numpy())
+    problem, weights, data = _problem(lr_scales=(1.0, 0.01))
+    online.run(problem, **data, config=c, workdir=str(tmp_path / "scaled"), log=None)
+    # One SGD step from the same state: the same gradient, the gain's step 100x smaller.
+    assert abs(gain_same) > 0 and np.abs(phi_same).max() > 0
+    np.testing.assert_allclose(weights.phi.numpy(), phi_same, rtol=1e-6)
+    np.testing.assert_allclose(float(weights.gain.numpy()), 0.01 * gain_same, rtol=1e-5)
+
+
+def test_meta_learning_rate_scales_resume_with_every_optimizer_state(tmp_path):
+    # Adam at two rates: both optimizers' moments are checkpointed, so a resumed run
+    # ends where an uninterrupted one does.
+    tf.config.experimental.enable_op_determinism()
+    c = _config(num_meta_steps=8, checkpoint_every=2, meta_optimizer="adam")
+    scales = (1.0, 0.1)
+    problem, weights, data = _problem(lr_scales=scales)
+    online.run(problem, **data, config=c, workdir=str(tmp_path / "a"), log=None)
+    expected = weights.phi.numpy().copy(), float(weights.gain.numpy())
+    problem, weights, data = _problem(lr_scales=scales)
+    online.run(
+        problem, **data, config=c, workdir=str(tmp_path / "b"), log=None, stop_after_meta_steps=4
+    )
+    problem, weights, data = _problem(lr_scales=scales)
+    resumed = online.run(problem, **data, config=c, workdir=str(tmp_path / "b"), log=None)
+    assert resumed.resumed_from == 4
+    np.testing.assert_allclose(weights.phi.numpy(), expected[0], atol=1e-6)
+    np.testing.assert_allclose(float(weights.gain.numpy()), expected[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 0.0), (1.0, True)])
+def test_bad_meta_learning_rate_scales_are_refused(scales):
+    with pytest.raises(ValueError, match="meta_learning_rate_scales must hold one positive"):
+        _problem(lr_scales=scales)
