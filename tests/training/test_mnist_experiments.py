@@ -37,6 +37,10 @@ def test_augment_experiment_learns_a_distribution_and_reports_it(tmp_path):
     assert 0.0 <= results["mass_on_optimal_bins_mean"] <= 1.0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["bin_angles"] == list(c.augment.bin_angles)
+    assert saved["checks"]["mass_on_optimal_bins_at_least_0.8"] == (
+        results["mass_on_optimal_bins_mean"] >= 0.8
+    )
+    assert "meta_pt_beats_baseline_pt_by_more_than_std" in saved["checks"]
     assert "rotation bin" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "distribution.png").read_bytes()[:4] == b"\x89PNG"
     assert any(line.startswith("Data: ") for line in lines)
