@@ -46,6 +46,8 @@ class _Weights(tf.Module):
         rescales them to mean 1 within each label of the batch (`labels`, ints in
         [0, num_classes)): every label keeps its share of the loss, so the weights
         can rank examples within a label but cannot shift the class balance.
+        Both normalise over the examples passed in: under a distribution strategy,
+        each replica's shard of the batch.
         """
         w = tf.gather(self.all_weights(), indices)
         if self.weighting == "normalized":
