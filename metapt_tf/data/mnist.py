@@ -409,14 +409,7 @@ def rotate_images(images: tf.Tensor, angles_degrees: tf.Tensor) -> tf.Tensor:
     y0 = ((height - 1) - (sin * (width - 1) + cos * (height - 1))) / 2.0
     zeros = tf.zeros_like(radians)
     transforms = tf.stack([cos, -sin, x0, sin, cos, y0, zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=transforms,
-        output_shape=shape[1:3],
-        fill_value=tf.constant(0.0, tf.float32),
-        interpolation="BILINEAR",
-        fill_mode="CONSTANT",
-    )
+    return _transform(images, transforms, "BILINEAR")
 
 
 def shift_images(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
@@ -437,19 +430,23 @@ def shift_images(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
         raise ValueError(
             f"offsets must have shape [B, 2] (dx, dy). Received: shape={offsets.shape.as_list()}"
         )
-    shape = tf.shape(images)
     ones = tf.ones_like(offsets[:, 0])
     zeros = tf.zeros_like(ones)
     # Output pixel (x, y) reads input pixel (x - dx, y - dy).
     transforms = tf.stack(
         [ones, zeros, -offsets[:, 0], zeros, ones, -offsets[:, 1], zeros, zeros], axis=1
     )
+    return _transform(images, transforms, "NEAREST")
+
+
+def _transform(images: tf.Tensor, transforms: tf.Tensor, interpolation: str) -> tf.Tensor:
+    """Per-image projective `transforms` [B, 8] of `images`; pixels from outside are 0."""
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
         transforms=transforms,
-        output_shape=shape[1:3],
+        output_shape=tf.shape(images)[1:3],
         fill_value=tf.constant(0.0, tf.float32),
-        interpolation="NEAREST",
+        interpolation=interpolation,
         fill_mode="CONSTANT",
     )
 

@@ -258,9 +258,13 @@ class TimeWarp(tf.Module):
         )
 
     @property
+    def network_variables(self) -> list[tf.Variable]:
+        """The magnitude CNN's trainable variables."""
+        return [v for layer in self.cnn_layers for v in layer.trainable_variables]
+
+    @property
     def variables_list(self) -> list[tf.Variable]:
-        cnn_variables = [v for layer in self.cnn_layers for v in layer.trainable_variables]
-        return cnn_variables + [self.s]
+        return self.network_variables + [self.s]
 
     def _cnn(self, x: tf.Tensor, training: bool) -> tf.Tensor:
         for layer in self.cnn_layers:

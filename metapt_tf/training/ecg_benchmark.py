@@ -334,7 +334,7 @@ def build_problem(config, seed: int, probe: np.ndarray | None = None) -> SimclrP
             return augmentation_summary(pipeline, probe_tensor)
 
     # The magnitude network at its own meta learning rate, the scalars at the configured one.
-    network = {id(v) for layer in pipeline.time_warp.cnn_layers for v in layer.trainable_variables}
+    network = {id(v) for v in pipeline.time_warp.network_variables}
     scales = [
         float(config.augment.network_meta_lr_scale) if id(v) in network else 1.0
         for v in pipeline.variables_list

@@ -370,7 +370,6 @@ class _Loop:
                 )
                 optimizer.build([self.meta_params[i] for i in indices])
                 self.meta_optimizers.append(optimizer)
-            self.meta_optimizer = self.meta_optimizers[0]
             self.pt_optimizer.build(self.pt_params)
             head = interfaces.init_head(
                 feature_dim, problem.num_ft_classes, self.generator, self.dtype
@@ -390,8 +389,11 @@ class _Loop:
             ft_head=self.head,
             ft_head_state=tf.nest.flatten(self.head_state),
             pt_optimizer=self.pt_optimizer,
-            meta_optimizer=self.meta_optimizer,
-            **{f"meta_optimizer_{k}": o for k, o in enumerate(self.meta_optimizers) if k},
+            # The first under its old name, so checkpoints with one meta optimizer restore.
+            **{
+                f"meta_optimizer_{k}" if k else "meta_optimizer": o
+                for k, o in enumerate(self.meta_optimizers)
+            },
             pt_step=self.pt_step,
             meta_step=self.meta_step,
             skipped=self.skipped,

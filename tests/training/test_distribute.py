@@ -316,6 +316,14 @@ def test_binaries_name_the_strategies_they_cannot_run():
         ppi_benchmark.validate_config(c)
 
 
+def _only_the_chief_wrote(workdir: Path, other: str) -> None:
+    """Worker 1 said it is not the chief and wrote no results; one export, by the chief."""
+    assert "This is worker 1, not the chief" in other and "Results:" not in other
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["export"] == str(workdir / "export" / "1")
+    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]  # one writer
+
+
 def test_ecg_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(tmp_path):
     workdir = tmp_path / "ecg"
     command = [
@@ -333,10 +341,7 @@ def test_ecg_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
     chief, other = _binary_on_two_workers(command, "ecg")
     # No PT, fixed and meta-learned augmentation: the same test AUCs on both workers.
     assert len(_logged(chief, auc)) == 3 and _logged(other, auc) == _logged(chief, auc)
-    assert "This is worker 1, not the chief" in other and "Results:" not in other
-    results = json.loads((workdir / "results.json").read_text())
-    assert results["export"] == str(workdir / "export" / "1")
-    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]  # one writer
+    _only_the_chief_wrote(workdir, other)
     meta = json.loads((workdir / "seed_0" / "simclr_meta" / "n_10" / "result.json").read_text())
     assert f"{meta['test_auc']['full']:.4f}" == _logged(other, auc)[2]
 
@@ -368,10 +373,7 @@ def test_ppi_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
     # The chief alone generated the dataset; both read it and fine-tuned alike.
     assert generating in chief and generating not in other
     assert len(_logged(chief, auc)) == 1 and _logged(other, auc) == _logged(chief, auc)
-    assert "This is worker 1, not the chief" in other and "Results:" not in other
-    results = json.loads((workdir / "results.json").read_text())
-    assert results["export"] == str(workdir / "export" / "1")
-    assert sorted(p.name for p in (workdir / "export").iterdir()) == ["1"]  # one writer
+    _only_the_chief_wrote(workdir, other)
     meta = json.loads((workdir / "seed_0" / "full" / "meta_pt" / "result.json").read_text())
     assert f"{meta['test_auc']:.4f}" == _logged(other, auc)[0]
     assert sorted(p.name for p in workdir.iterdir()) == [
