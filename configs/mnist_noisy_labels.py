@@ -74,10 +74,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Per-example meta-gradients are summed with their relative sizes kept (SGD on
     # g / ||g||); Adam would reduce each example's history to sign votes.
     config.meta.meta_optimizer = "normalized_sgd"
-    # Larger: weights move apart sooner (a larger FT gain) but rank clean above noisy
-    # less well in the end; smaller: the reverse (README, "Noisy labels").
-    config.meta.meta_learning_rate = 3.0
-    config.meta.meta_lr_decay = "linear"  # the signal fades once PT fits the noisy labels
+    # Fast, and only while PT has not yet fitted the noisy labels: the per-example signal
+    # fades once it has, and later meta-updates rank clean above noisy much worse. The
+    # rate decays linearly to 0 over the first 50 meta-steps; the other 150 run PT with
+    # the learned weights fixed (README, "Noisy labels").
+    config.meta.meta_learning_rate = 10.0
+    config.meta.meta_lr_decay = "linear"
+    config.meta.meta_lr_decay_steps = 50
     config.meta.log_every = 25
     config.meta.checkpoint_every = 25
 
@@ -98,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.meta_pt_batch_size = 4096
         config.meta.warmup_steps = 2000
         config.meta.num_meta_steps = 20000
+        config.meta.meta_lr_decay_steps = 5000  # the same quarter of the run
         config.meta.log_every = 200
         config.meta.checkpoint_every = 1000
         config.meta.jit_compile = True

@@ -116,6 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
     # "linear" / "cosine": the meta learning rate decays to 0 over the meta-steps, so
     # late meta-gradients (noisier once PT has converged) move phi less.
     c.meta_lr_decay = "none"
+    # Meta-steps over which it decays (0: all of them). Past them the meta learning rate
+    # is 0: the remaining PT steps run with phi fixed and no meta-gradient is computed.
+    c.meta_lr_decay_steps = 0
     c.meta_grad_clip_norm = 0.0  # > 0: clip the meta-gradient's global norm to this first
     c.log_every = 10  # meta-steps (warm-up logs every log_every * P PT steps)
     c.checkpoint_every = 25  # meta-steps
@@ -158,7 +161,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         if c[field] not in options:
             raise _fail(field, c[field], f"one of {options}")
 
-    for field in ("seed", "warmup_steps", "num_meta_steps", "neumann_terms"):
+    for field in ("seed", "warmup_steps", "num_meta_steps", "neumann_terms", "meta_lr_decay_steps"):
         integer(field, 0)
     for field in (
         "pt_steps_per_meta_step",
@@ -180,6 +183,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     choice("pt_optimizer", OPTIMIZERS)
     choice("meta_optimizer", META_OPTIMIZERS)
     choice("meta_lr_decay", META_LR_DECAYS)
+    if c.meta_lr_decay == "none" and c.meta_lr_decay_steps:
+        raise _fail(
+            "meta_lr_decay_steps",
+            c.meta_lr_decay_steps,
+            "0 unless config.meta.meta_lr_decay is 'linear' or 'cosine' (it sets their horizon)",
+        )
     choice("ft_optimizer", FT_OPTIMIZERS)
     choice("head", HEAD_MODES)
     choice("solver", SOLVERS)
@@ -227,8 +236,15 @@ def _keras_optimizer(name: str, learning_rate: float):
     return tf.keras.optimizers.SGD(learning_rate)
 
 
+def meta_lr_decay_steps(c: ml_collections.ConfigDict) -> int | None:
+    """Meta-steps after which the meta learning rate is 0; None if it never is."""
+    if c.meta_lr_decay == "none":
+        return None
+    return max(c.meta_lr_decay_steps or c.num_meta_steps, 1)
+
+
 def _meta_learning_rate(c: ml_collections.ConfigDict, scale: float = 1.0):
-    steps = max(c.num_meta_steps, 1)
+    steps = meta_lr_decay_steps(c)
     rate = c.meta_learning_rate * scale
     if c.meta_lr_decay == "linear":
         return tf.keras.optimizers.schedules.PolynomialDecay(rate, steps, 0.0)
@@ -956,10 +972,16 @@ def _drive(
     # Meta-PT (or, with meta_enabled=False, the same PT schedule without meta-steps).
     pt_losses: list[float] = []
     window_start, window_steps = time.perf_counter(), 0
+    decay_steps = meta_lr_decay_steps(c)
     while int(loop.pt_step.numpy()) < total_pt:
         losses = pt_steps(c.pt_steps_per_meta_step)
         pt_losses.extend(losses.tolist())
-        if c.meta_enabled:
+        # Past the decay horizon every meta learning rate is 0: no meta-gradient needed.
+        decayed = (
+            decay_steps is not None
+            and int(loop.meta_optimizers[0].iterations.numpy()) >= decay_steps
+        )
+        if c.meta_enabled and not decayed:
             metrics = loop.meta_step_and_update()
             if not metrics["finite"]:
                 cause = ", ".join(metrics["bad_batches"]) or "the meta-gradient itself"

@@ -241,6 +241,36 @@ def test_normalized_sgd_with_linear_decay_takes_shrinking_steps(tmp_path):
     np.testing.assert_allclose(steps, [0.4, 0.3, 0.2, 0.1], rtol=1e-4)
 
 
+def test_meta_lr_decay_steps_stop_meta_updates_at_the_horizon(tmp_path):
+    c = _config(
+        num_meta_steps=4,
+        warmup_steps=0,
+        log_every=1,
+        checkpoint_every=1,
+        meta_optimizer="normalized_sgd",
+        meta_learning_rate=0.4,
+        meta_lr_decay="linear",
+        meta_lr_decay_steps=2,
+    )
+    phis, result = [np.zeros(N_PT)], None
+    for k in range(1, 5):  # one meta-step per call, resuming each time
+        problem, weights, data = _problem()
+        result = online.run(
+            problem, **data, config=c, workdir=str(tmp_path), log=None, stop_after_meta_steps=k
+        )
+        phis.append(weights.phi.numpy().copy())
+    steps = [np.linalg.norm(b - a) for a, b in zip(phis, phis[1:], strict=False)]
+    np.testing.assert_allclose(steps, [0.4, 0.2, 0.0, 0.0], rtol=1e-4, atol=1e-7)
+    assert result.meta_steps == 4 and result.pt_steps == 8  # PT goes on past the horizon
+    # No meta-gradient is computed past it.
+    assert result.history["ft_val_loss"][-2:] == [None, None]
+    assert all(v is not None for v in result.history["ft_val_loss"][:-2])
+    with pytest.raises(ValueError, match="meta_lr_decay_steps must be 0 unless"):
+        online.validate_config(_config(meta_lr_decay_steps=2))
+    with pytest.raises(ValueError, match="meta_lr_decay_steps must be an int >= 0"):
+        online.validate_config(_config(meta_lr_decay="linear", meta_lr_decay_steps=-1))
+
+
 def test_reinitialised_head_runs_and_learns(tmp_path):
     problem, weights, data = _problem()
     result = online.run(
