@@ -1,6 +1,6 @@
 """Per-example PT weights under 40% noisy labels on real MNIST digits.
 
-Run from the repository root (about 7 minutes on 2 CPU cores):
+Run from the repository root (about 6 minutes on 2 CPU cores):
 
     python -m trainers.meta_pretrain --config=configs/mnist_noisy_labels.py \
         --workdir=runs/mnist_noisy_labels
