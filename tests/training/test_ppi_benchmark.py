@@ -151,7 +151,9 @@ def test_settings_split_graphs_and_tasks():
     assert len(full.ft_graphs) == 100
     assert not set(full.meta_train) & set(full.meta_val)
     assert set(full.meta_train) | set(full.meta_val) == set(full.ft_graphs)
-    assert len(full.meta_val) == 15  # the 85/15 split
+    assert len(full.meta_val) == 50  # the default 50/50 split
+    config.data.meta_val_fraction = 0.15  # the paper's
+    assert len(ppi_benchmark.make_setting("full", data, config, seed=0).meta_val) == 15
     partial = ppi_benchmark.make_setting("partial", data, config, seed=0)
     assert len(partial.ft_graphs) == 50 and set(partial.ft_graphs) <= set(full.ft_graphs)
     held = ppi_benchmark.make_setting("held_out", data, config, seed=0)
