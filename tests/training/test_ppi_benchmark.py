@@ -183,3 +183,16 @@ def test_missing_dataset_files_are_named(tmp_path):
     config.data.dir = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="schema.pbtxt"):
         ppi_benchmark.prepare_data(config, str(tmp_path / "work"), lambda _: None)
+
+
+@pytest.mark.parametrize("variant", ["", "smoke", "wide", "paper", "bio"])
+def test_every_config_variant_is_valid(variant):
+    config = _config(variant)
+    if variant == "bio":  # everything but the converted dataset's directory, to be given
+        with pytest.raises(ValueError, match="config.data.dir must be a directory with"):
+            ppi_benchmark.validate_config(config)
+    else:
+        ppi_benchmark.validate_config(config)
+    if variant in ("paper", "bio"):  # the paper's split, FT and constant meta rate
+        assert config.data.meta_val_fraction == 0.15
+        assert config.finetune.mode == "full" and config.meta.meta_lr_decay == "none"
