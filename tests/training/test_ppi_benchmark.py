@@ -196,3 +196,4 @@ def test_every_config_variant_is_valid(variant):
     if variant in ("paper", "bio"):  # the paper's split, FT and constant meta rate
         assert config.data.meta_val_fraction == 0.15
         assert config.finetune.mode == "full" and config.meta.meta_lr_decay == "none"
+        assert config.meta.meta_optimizer == "adam" and config.meta.meta_learning_rate == 1.0
