@@ -220,7 +220,9 @@ def test_tensorboard_serves_a_runs_scalars(tmp_path):
     np.testing.assert_allclose([v for _, v in served], [v for _, v in logged], rtol=1e-6)
 
 
-def test_normalized_sgd_with_linear_decay_takes_shrinking_steps(tmp_path):
+def _normalized_sgd_decay_steps(tmp_path, **overrides):
+    """Sizes of the first four meta-updates of phi (normalized SGD at rate 0.4, decaying
+    linearly), one meta-step per call, resuming each time; and the last call's result."""
     c = _config(
         num_meta_steps=4,
         warmup_steps=0,
@@ -229,37 +231,25 @@ def test_normalized_sgd_with_linear_decay_takes_shrinking_steps(tmp_path):
         meta_optimizer="normalized_sgd",
         meta_learning_rate=0.4,
         meta_lr_decay="linear",
-    )
-    phis = [np.zeros(N_PT)]
-    for k in range(1, 5):  # one meta-step per call, resuming each time
-        problem, weights, data = _problem()
-        online.run(
-            problem, **data, config=c, workdir=str(tmp_path), log=None, stop_after_meta_steps=k
-        )
-        phis.append(weights.phi.numpy().copy())
-    steps = [np.linalg.norm(b - a) for a, b in zip(phis, phis[1:], strict=False)]
-    np.testing.assert_allclose(steps, [0.4, 0.3, 0.2, 0.1], rtol=1e-4)
-
-
-def test_meta_lr_decay_steps_stop_meta_updates_at_the_horizon(tmp_path):
-    c = _config(
-        num_meta_steps=4,
-        warmup_steps=0,
-        log_every=1,
-        checkpoint_every=1,
-        meta_optimizer="normalized_sgd",
-        meta_learning_rate=0.4,
-        meta_lr_decay="linear",
-        meta_lr_decay_steps=2,
+        **overrides,
     )
     phis, result = [np.zeros(N_PT)], None
-    for k in range(1, 5):  # one meta-step per call, resuming each time
+    for k in range(1, 5):
         problem, weights, data = _problem()
         result = online.run(
             problem, **data, config=c, workdir=str(tmp_path), log=None, stop_after_meta_steps=k
         )
         phis.append(weights.phi.numpy().copy())
-    steps = [np.linalg.norm(b - a) for a, b in zip(phis, phis[1:], strict=False)]
+    return [np.linalg.norm(b - a) for a, b in zip(phis, phis[1:], strict=False)], result
+
+
+def test_normalized_sgd_with_linear_decay_takes_shrinking_steps(tmp_path):
+    steps, _ = _normalized_sgd_decay_steps(tmp_path)
+    np.testing.assert_allclose(steps, [0.4, 0.3, 0.2, 0.1], rtol=1e-4)
+
+
+def test_meta_lr_decay_steps_stop_meta_updates_at_the_horizon(tmp_path):
+    steps, result = _normalized_sgd_decay_steps(tmp_path, meta_lr_decay_steps=2)
     np.testing.assert_allclose(steps, [0.4, 0.2, 0.0, 0.0], rtol=1e-4, atol=1e-7)
     assert result.meta_steps == 4 and result.pt_steps == 8  # PT goes on past the horizon
     # No meta-gradient is computed past it.
