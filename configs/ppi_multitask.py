@@ -120,48 +120,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.hidden_units = 64
         config.finetune.mode = "full"
         config.meta.meta_optimizer, config.meta.meta_learning_rate = "adam", 1.0
-        config.meta.meta_lr_decay = "linear"
-        config.meta.meta_lr_decay_steps = 50
+        config.meta.meta_lr_decay_steps = 50  # the default's linear decay, over 50 steps
     elif arg == "paper":
         s = config.data.synthetic
         s.num_pt_graphs, s.num_ft_graphs, s.num_test_graphs = 50000, 5000, 5000
         s.num_pt_tasks, s.num_ft_tasks = 5000, 40
-        config.model.num_layers, config.model.hidden_units = 5, 300
-        config.data.meta_val_fraction = 0.15  # the paper's split (750 FT-val graphs)
-        config.meta.pt_learning_rate = 1e-4
-        config.meta.ft_learning_rate = 1e-4
-        config.meta.neumann_alpha = 1e-4
-        config.meta.pt_steps_per_meta_step = 10
+        _paper_settings(config)
         config.meta.warmup_steps = 1500
         config.meta.num_meta_steps = 15000
-        config.meta.meta_optimizer, config.meta.meta_learning_rate = "adam", 1.0  # the paper's
-        config.meta.meta_lr_decay = "none"
-        config.meta.log_every = 100
-        config.meta.checkpoint_every = 500
-        config.cotrain.learning_rate = 1e-4
-        config.finetune.learning_rate = 1e-5
-        config.finetune.mode = "full"  # as the paper
         config.meta.jit_compile = False
     elif arg == "bio":
         config.data.source = "tfrecord"
-        config.data.meta_val_fraction = 0.15  # the paper's split
         config.methods = ("no_pt", "supervised_pt", "cotrain", "cotrain_pcgrad", "meta_pt")
-        config.model.num_layers, config.model.hidden_units = 5, 300
-        config.meta.pt_learning_rate = 1e-4
-        config.meta.ft_learning_rate = 1e-4
-        config.meta.neumann_alpha = 1e-4
-        config.meta.pt_steps_per_meta_step = 10
+        _paper_settings(config)
         config.meta.warmup_steps = 2000  # about one epoch of the bio PT graphs at batch 32
         config.meta.num_meta_steps = 20000
-        config.meta.meta_optimizer, config.meta.meta_learning_rate = "adam", 1.0  # the paper's
-        config.meta.meta_lr_decay = "none"
-        config.meta.log_every = 100
-        config.meta.checkpoint_every = 500
-        config.cotrain.learning_rate = 1e-4
-        config.finetune.learning_rate = 1e-5
-        config.finetune.mode = "full"  # as the paper
     elif arg not in (None, ""):
         raise ValueError(
             f"Unknown config variant {arg!r}; the variants are 'smoke', 'wide', 'paper' and 'bio'."
         )
     return config.lock()
+
+
+def _paper_settings(config: ml_collections.ConfigDict) -> None:
+    """The paper's model, split, learning rates and meta-optimizer (paper and bio)."""
+    config.model.num_layers, config.model.hidden_units = 5, 300
+    # The paper's FT-train / FT-val split (750 FT-val graphs in the paper variant).
+    config.data.meta_val_fraction = 0.15
+    config.meta.pt_learning_rate = 1e-4
+    config.meta.ft_learning_rate = 1e-4
+    config.meta.neumann_alpha = 1e-4
+    config.meta.pt_steps_per_meta_step = 10
+    config.meta.meta_optimizer, config.meta.meta_learning_rate = "adam", 1.0  # the paper's
+    config.meta.meta_lr_decay = "none"
+    config.meta.log_every = 100
+    config.meta.checkpoint_every = 500
+    config.cotrain.learning_rate = 1e-4
+    config.finetune.learning_rate = 1e-5
+    config.finetune.mode = "full"  # as the paper
