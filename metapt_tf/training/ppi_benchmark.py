@@ -78,6 +78,7 @@ in the full setting, `export/<version>/`.
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -149,8 +150,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f = config.finetune
     if f.mode not in finetune.MODES:
         raise config_error("finetune.mode", f.mode, f"one of {finetune.MODES}")
-    if not isinstance(f.epochs, int) or f.epochs < 1:
-        raise config_error("finetune.epochs", f.epochs, "an int >= 1")
+    if (f.steps is None) == (f.epochs is None):
+        raise ValueError(
+            "Set exactly one of config.finetune.steps (about that many updates, whole "
+            "epochs, whatever the number of labelled graphs) and config.finetune.epochs. "
+            f"Received: steps={f.steps!r}, epochs={f.epochs!r}."
+        )
+    budget = "steps" if f.steps is not None else "epochs"
+    if not isinstance(f[budget], int) or f[budget] < 1:
+        raise config_error(f"finetune.{budget}", f[budget], "an int >= 1")
     if f.learning_rate <= 0:
         raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
     online.validate_config(config.meta)
@@ -647,11 +655,21 @@ class _Runner:
             input_key="graph",
             label_key="labels",
             mode=f.mode,
-            epochs=f.epochs,
+            epochs=finetune_epochs(self.config, len(setting.ft_graphs)),
             learning_rate=f.learning_rate,
             seed=self.seed,
             **self.shard_kwargs(),
         )
+
+
+def finetune_epochs(config, num_graphs: int) -> int:
+    """The final FT's epochs over `num_graphs` labelled graphs: `finetune.epochs`, or
+    the whole epochs that make about `finetune.steps` updates, so that a smaller FT
+    set (the partial setting) is not also a shorter fit."""
+    f = config.finetune
+    if f.steps is None:
+        return f.epochs
+    return max(1, math.ceil(f.steps / math.ceil(num_graphs / config.data.ft_batch_size)))
 
 
 def _oracle_weights(data: _Data) -> np.ndarray:

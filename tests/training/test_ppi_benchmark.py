@@ -177,6 +177,25 @@ def test_validate_config_names_the_field():
         ppi_benchmark.validate_config(config)
 
 
+def test_finetune_budget_is_updates_or_epochs():
+    config = _config("")
+    assert config.finetune.steps == 700 and config.data.ft_batch_size == 32
+    # 200 graphs: 7 batches an epoch; 100 (the partial setting): 4, so more epochs.
+    assert ppi_benchmark.finetune_epochs(config, 200) == 100
+    assert ppi_benchmark.finetune_epochs(config, 100) == 175
+    assert ppi_benchmark.finetune_epochs(config, 10_000) == 3  # at least 700 updates
+    config.finetune.steps, config.finetune.epochs = None, 50
+    assert ppi_benchmark.finetune_epochs(config, 100) == 50
+    ppi_benchmark.validate_config(config)
+    for steps, epochs in ((None, None), (700, 50)):
+        config.finetune.steps, config.finetune.epochs = steps, epochs
+        with pytest.raises(ValueError, match="exactly one of config.finetune.steps"):
+            ppi_benchmark.validate_config(config)
+    config.finetune.steps, config.finetune.epochs = 0, None
+    with pytest.raises(ValueError, match="config.finetune.steps must be an int >= 1"):
+        ppi_benchmark.validate_config(config)
+
+
 def test_missing_dataset_files_are_named(tmp_path):
     config = _config()
     config.data.source = "tfrecord"
