@@ -824,8 +824,11 @@ def load_dataset(
 
     Records are read from the files in sorted file order. With `shuffle`,
     they pass through a shuffle buffer of `shuffle_buffer_size` records
-    (reshuffled every epoch) seeded with `seed`: the order depends only on
-    `seed` and, if one is set, TensorFlow's global seed. With `repeat`, the
+    (reshuffled every epoch) seeded with `seed`: the first iterator's order
+    depends only on `seed` and, if one is set, TensorFlow's global seed. A
+    later iterator of the same dataset starts with another order (a seeded
+    reshuffle moves on per iterator), so call this again for each run that
+    must see the same batches. With `repeat`, the
     epochs follow one another without end (a batch may straddle two). The
     iterator can be saved and restored with `tf.train.Checkpoint(iterator=it)`
     and then resumes with the same batches; its checkpoint holds the records in

@@ -459,17 +459,24 @@ class _Runner:
         self.padded = bool(shards)
         self.shards = shards
         self._constraints: dict[tuple[str, int], tfgnn.SizeConstraints] = {}
-        self.pt_data = _pt_dataset(data, config, seed, config.data.pt_batch_size, shards)
-        # The meta-step's PT batch: larger than a PT step's, so that every task's
-        # weight gets a less noisy meta-gradient.
-        self.meta_pt_data = _pt_dataset(
-            data, config, seed + 3, config.data.meta_pt_batch_size, shards
-        )
         # The models' input: unpadded graphs (gin_backbone relaxes the sizes).
         self.spec = _pt_dataset(data, config, seed, config.data.pt_batch_size).element_spec["graph"]
         self.pt_steps = config.meta.warmup_steps + (
             config.meta.num_meta_steps * config.meta.pt_steps_per_meta_step
         )
+
+    def pt_data(self) -> tf.data.Dataset:
+        """PT batches, new for every PT run: a seeded shuffle gives each new iterator of
+        one dataset another order, so a shared dataset would make a method's batches
+        depend on the methods run before it in the process (or skipped on a restart)."""
+        c = self.config
+        return _pt_dataset(self.data, c, self.seed, c.data.pt_batch_size, self.shards)
+
+    def meta_pt_data(self) -> tf.data.Dataset:
+        """The meta-step's PT batches (new for every run, as `pt_data`): larger than a
+        PT step's, so that every task's weight gets a less noisy meta-gradient."""
+        c = self.config
+        return _pt_dataset(self.data, c, self.seed + 3, c.data.meta_pt_batch_size, self.shards)
 
     def backbone(self, dropout: float) -> tf.keras.Model:
         return _make_backbone(self.config, self.spec, dropout)
@@ -589,13 +596,13 @@ class _Runner:
         full = setting or make_setting("full", self.data, c, self.seed)
         result = online.run(
             problem,
-            pt_data=self.pt_data,
+            pt_data=self.pt_data(),
             ft_train_data=self.ft_data(full, "meta_train", tasks, train=True, repeat=True),
             ft_val_data=self.ft_data(full, "meta_val", tasks, train=True, repeat=True),
             config=meta_config,
             workdir=run_dir,
             log=self.say,
-            meta_pt_data=self.meta_pt_data,
+            meta_pt_data=self.meta_pt_data(),
             strategy=self.strategy,
         )
         extra = {"pt_steps": result.pt_steps, "meta_steps": result.meta_steps}
@@ -628,7 +635,7 @@ class _Runner:
             ft_head_params=ft_head.trainable_variables,
             pt_loss_fn=pt_loss_fn,
             ft_loss_fn=ft_loss_fn,
-            pt_data=self.pt_data,
+            pt_data=self.pt_data(),
             ft_data=self.ft_data(
                 setting, "pool", setting.meta_tasks, train=True, repeat=True, blocks=True
             ),

@@ -216,3 +216,24 @@ def test_every_config_variant_is_valid(variant):
         assert config.data.meta_val_fraction == 0.15
         assert config.finetune.mode == "full" and config.meta.meta_lr_decay == "none"
         assert config.meta.meta_optimizer == "adam" and config.meta.meta_learning_rate == 1.0
+
+
+def test_every_pt_run_reads_the_same_pt_batches(tmp_path):
+    """A method's PT batches depend on the seed only, not on what ran before it in the
+    process (or was skipped on a restart): each run gets a new dataset."""
+    config = _config()
+    data = ppi_benchmark.prepare_data(config, str(tmp_path), lambda _: None)
+    runner = ppi_benchmark._Runner(config, data, str(tmp_path), seed=0, say=lambda _: None)
+
+    def first_labels(make):
+        return np.asarray(next(iter(make()))["pt_labels"])
+
+    for make in (runner.pt_data, runner.meta_pt_data):
+        first = first_labels(make)
+        for _ in range(3):  # methods before this one read batches
+            next(iter(make()))
+        np.testing.assert_array_equal(first_labels(make), first)
+    # A shared dataset would not do: its second iterator starts elsewhere.
+    shared = runner.pt_data()
+    orders = [np.asarray(next(iter(shared))["pt_labels"]) for _ in range(4)]
+    assert any(not np.array_equal(orders[0], o) for o in orders[1:])
