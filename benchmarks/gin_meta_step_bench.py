@@ -174,11 +174,11 @@ class Bench(meta_step_harness.LoopBench):
         loops = meta_step_harness.make_loops(
             cfg,
             self.problem,
-            runner.pt_data,
+            runner.pt_data(),
             ft_train,
             ft_val,
             config.meta,
-            meta_pt_data=runner.meta_pt_data,
+            meta_pt_data=runner.meta_pt_data(),
         )
         super().__init__(cfg, loops)
 
