@@ -28,11 +28,12 @@ resumed run draws what the uninterrupted one would have.
 
 Every PT backbone is then fine-tuned on all N labelled records with a fresh
 sigmoid head, `linear` (frozen backbone) and/or `full`, for about
-`finetune.steps` updates. Everything lands in `workdir`: one directory per
-seed/method/N (checkpoints, TensorBoard, `result.json`; finished parts are
-skipped on a restart), `results.json`, `results.md`, `augmentation.png` (the
-learned strengths over meta-training), `augmented_examples.png` and a SavedModel
-of the first seed's meta-PT model (full FT at the largest N), `export/<version>/`.
+`finetune.<mode>.steps` updates at `finetune.<mode>.learning_rate`. Everything
+lands in `workdir`: one directory per seed/method/N (checkpoints, TensorBoard,
+`result.json`; finished parts are skipped on a restart), `results.json`,
+`results.md`, `augmentation.png` (the learned strengths over meta-training),
+`augmented_examples.png` and a SavedModel of the first seed's meta-PT model (full
+FT at the largest N), `export/<version>/`.
 
 Under `meta.distribute="mirrored"` (R replicas) every part runs under the
 strategy: the online loop splits each PT batch over the replicas after drawing
@@ -149,10 +150,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     scale = a.network_meta_lr_scale
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
         raise config_error("augment.network_meta_lr_scale", scale, "a number > 0")
-    f = config.finetune
-    require_int(config, "finetune.steps", 1)
-    if not float(f.learning_rate) > 0:
-        raise config_error("finetune.learning_rate", f.learning_rate, "> 0")
+    for mode in FT_MODES:
+        require_int(config, f"finetune.{mode}.steps", 1)
+        rate = config.finetune[mode].learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
+            raise config_error(f"finetune.{mode}.learning_rate", rate, "a number > 0")
     online.validate_config(config.meta)
     meta = config.meta
     if meta.mixed_precision != "none":
@@ -425,7 +427,6 @@ class _Runner:
         train, val = self.splits.labelled[n]
         idx = np.sort(np.concatenate([train, val]))
         batch = min(c.data.ft_batch_size, idx.size)
-        steps_per_epoch = math.ceil(idx.size / batch)
         return finetune.finetune_multilabel(
             backbone,
             lambda: make_backbone(c),
@@ -435,8 +436,8 @@ class _Runner:
             input_key="signal",
             label_key="label",
             mode=mode,
-            epochs=max(1, math.ceil(c.finetune.steps / steps_per_epoch)),
-            learning_rate=c.finetune.learning_rate,
+            epochs=finetune.epochs_for_steps(c.finetune[mode].steps, idx.size, batch),
+            learning_rate=c.finetune[mode].learning_rate,
             seed=self.seed,
             strategy=self.strategy,
         )

@@ -371,50 +371,80 @@ def predict_multilabel(
     strategy, replica r predicts the piece `shard_fn` cuts (or, without
     `shard_fn`, its contiguous 1/R of the rows). See `finetune_multilabel`.
     """
+    return _map_rows(
+        lambda x: tf.sigmoid(model(x, training=False)),
+        data,
+        input_key=input_key,
+        label_key=label_key,
+        strategy=strategy,
+        mask_key=mask_key,
+        shard_fn=shard_fn,
+    )
+
+
+def _map_rows(
+    fn: Callable,
+    data: tf.data.Dataset,
+    *,
+    input_key: str,
+    label_key: str,
+    strategy: tf.distribute.Strategy | None,
+    mask_key: str | None,
+    shard_fn: Callable | None,
+    first: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`fn(batch[input_key])` ([rows, ...] per batch) and the labels over one pass of
+    `data`, for the real rows only, in order (see `predict_multilabel`).
+
+    `first`: `data`'s first batch, if already read. A seeded shuffle gives every
+    new iterator another order, so the pass must be the same iterator with or
+    without a strategy; without `first`, a strategy reads the first batch from an
+    iterator of its own for the batches' width.
+    """
     _check_padded_options(mask_key, shard_fn)
     sharded = _distributed(strategy)
     if mask_key is not None:
-        probs = _masked_probs(
-            model, data, input_key, strategy if sharded else None, mask_key, shard_fn
+        outputs = _masked_outputs(
+            fn, data, input_key, strategy if sharded else None, mask_key, shard_fn
         )
     elif not sharded:
         # One trace for every batch: eager values carry their own sizes (e.g. a
         # GraphTensor's node counts), so a signature from the dataset is given.
         @tf.function(input_signature=[data.element_spec[input_key]])
-        def dense_probs(x):
-            return tf.sigmoid(model(x, training=False))
+        def dense_outputs(x):
+            return fn(x)
 
-        def probs(batch):
-            return dense_probs(batch[input_key])
+        def outputs(batch):
+            return dense_outputs(batch[input_key])
 
     else:
         replicas = distribute.Replicas(strategy)
         _check_tensor_batches(data.element_spec, "the evaluation data", replicas.num_replicas)
-        first = next(iter(data), None)
+        if first is None:
+            first = next(iter(data), None)
         rows = 1 if first is None else int(tf.shape(first[label_key])[0])
         width = _padded_width(rows, replicas.num_replicas)
 
-        def replica_probs(inputs):
+        def replica_outputs(inputs):
             shard = replicas.shard(inputs, "evaluation batch")
-            out = tf.sigmoid(model(shard, training=False))
-            return _place_in_rows(out, width, replicas.num_replicas)
+            return _place_in_rows(fn(shard), width, replicas.num_replicas)
 
         @tf.function(input_signature=[data.element_spec[input_key]])
-        def padded_probs(x):
+        def padded_outputs(x):
             padded, _, size = _pad_rows(x, width)
-            return replicas.sum(strategy.run(replica_probs, args=(padded,)))[:size]
+            return replicas.sum(strategy.run(replica_outputs, args=(padded,)))[:size]
 
-        def probs(batch):
-            return padded_probs(batch[input_key])
+        def outputs(batch):
+            return padded_outputs(batch[input_key])
 
-    scores, labels = [], []
+    values, labels = [], []
     for batch in data:
-        scores.append(probs(batch).numpy())
+        values.append(outputs(batch).numpy())
         label = np.asarray(batch[label_key])
         labels.append(label if mask_key is None else label[np.asarray(batch[mask_key])])
-    if not scores:
+    if not values:
         raise ValueError("The evaluation dataset is empty.")
-    return np.concatenate(scores), np.concatenate(labels)
+    return np.concatenate(values), np.concatenate(labels)
 
 
 def _check_padded_options(mask_key, shard_fn) -> None:
@@ -438,8 +468,8 @@ def _global_rows(spec, mask_key: str, what: str, num_replicas: int) -> int:
     return int(rows)
 
 
-def _masked_probs(model, data, input_key, strategy, mask_key, shard_fn):
-    """`batch -> sigmoid outputs of its real rows`, for padded batches (see
+def _masked_outputs(fn, data, input_key, strategy, mask_key, shard_fn):
+    """`batch -> fn(inputs) of its real rows`, for padded batches (see
     `predict_multilabel`); `strategy` None: one device."""
     replicas = distribute.Replicas(strategy or tf.distribute.get_strategy())
     width = None
@@ -448,17 +478,17 @@ def _masked_probs(model, data, input_key, strategy, mask_key, shard_fn):
             data.element_spec, mask_key, "the evaluation data", replicas.num_replicas
         )
 
-    def replica_probs(batch):
+    def replica_outputs(batch):
         piece = replicas.shard(batch, "evaluation batch", shard_fn=shard_fn)
-        out = tf.sigmoid(model(piece[input_key], training=False))
+        out = fn(piece[input_key])
         return out if width is None else _place_in_rows(out, width, replicas.num_replicas)
 
     @tf.function(input_signature=[data.element_spec])
-    def probs(batch):
-        out = replicas.sum(replicas.strategy.run(replica_probs, args=(batch,)))
+    def outputs(batch):
+        out = replicas.sum(replicas.strategy.run(replica_outputs, args=(batch,)))
         return tf.boolean_mask(out, batch[mask_key])
 
-    return probs
+    return outputs
 
 
 def per_task_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -474,6 +504,44 @@ def per_task_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         if 0 < positive.sum() < len(positive):
             out[t] = reporting.auroc(scores[:, t], positive)
     return out
+
+
+def epochs_for_steps(steps: int, num_examples: int, batch_size: int) -> int:
+    """The whole epochs over `num_examples` in batches of `batch_size` (the last one
+    may be smaller) that make at least `steps` updates, and at least one epoch."""
+    for name, value in (("steps", steps), ("num_examples", num_examples)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1. Received: {name}={value}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}.")
+    return max(1, math.ceil(steps / math.ceil(num_examples / batch_size)))
+
+
+def _feature_batches(
+    backbone, train_data, first, *, input_key, label_key, strategy, mask_key, shard_fn, seed
+):
+    """The linear probe's training data: `backbone`'s features of every real example
+    of one pass of `train_data` (`training=False`), under `input_key`, with their
+    labels, in batches of the first batch's number of real examples, reshuffled
+    every epoch under `seed`. Returns the dataset and its first batch."""
+    features, labels = _map_rows(
+        lambda x: backbone(x, training=False),
+        train_data,
+        input_key=input_key,
+        label_key=label_key,
+        strategy=strategy,
+        mask_key=mask_key,
+        shard_fn=shard_fn,
+        first=first,
+    )
+    if mask_key is None:
+        batch = int(tf.shape(first[label_key])[0])
+    else:
+        batch = int(np.sum(np.asarray(first[mask_key])))
+    data = tf.data.Dataset.from_tensor_slices({input_key: features, label_key: labels})
+    data = data.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+    data = data.batch(max(1, batch))
+    return data, next(iter(data))
 
 
 def finetune_multilabel(
@@ -507,7 +575,11 @@ def finetune_multilabel(
       train_data: one epoch of batched training data (reshuffled each epoch).
       test_data: one pass of batched test data.
       num_tasks: the head's outputs, the width of `batch[label_key]`.
-      mode: "full" (every weight trains) or "linear" (the backbone is frozen).
+      mode: "full" (every weight trains) or "linear" (the backbone is frozen: its
+        features of the training examples are computed once, in one pass of
+        `train_data` with `training=False`, and the head trains on them for
+        `epochs` epochs, in batches of the first batch's number of real examples,
+        reshuffled every epoch under `seed`).
       strategy: None or the default strategy: one device. A multi-replica strategy
         (`distribute.make_strategy`): every batch is split over the replicas (see
         the module docstring), giving the single-device weights and AUCs. Without
@@ -549,13 +621,30 @@ def finetune_multilabel(
         first = next(iter(train_data))
         model(first[input_key], training=False)  # builds the head
         optimizer = tf.keras.optimizers.Adam(learning_rate)
-    trainable = model.trainable_variables if mode == "full" else model.head.trainable_variables
+    if mode == "full":
+        trainable, forward = model.trainable_variables, lambda x: model(x, training=True)
+    else:
+        # The frozen backbone's features do not change: computed once, the head
+        # then trains on them (as many updates, a small fraction of the cost).
+        train_data, first = _feature_batches(
+            model.backbone,
+            train_data,
+            first,
+            input_key=input_key,
+            label_key=label_key,
+            strategy=strategy if sharded else None,
+            mask_key=mask_key,
+            shard_fn=shard_fn,
+            seed=seed,
+        )
+        masked = False
+        trainable, forward = model.head.trainable_variables, model.head
     if sharded and not masked:
         width = _padded_width(int(tf.shape(first[label_key])[0]), replicas.num_replicas)
 
     def cross_entropy(batch):
         """Sigmoid cross-entropy of every example and task, [B, num_tasks]."""
-        logits = model(batch[input_key], training=mode == "full")
+        logits = forward(batch[input_key])
         labels = tf.cast(batch[label_key], logits.dtype)
         return tf.nn.sigmoid_cross_entropy_with_logits(labels, logits)
 

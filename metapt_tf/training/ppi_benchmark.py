@@ -78,7 +78,6 @@ in the full setting, `export/<version>/`.
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -676,7 +675,7 @@ def finetune_epochs(config, num_graphs: int) -> int:
     f = config.finetune
     if f.steps is None:
         return f.epochs
-    return max(1, math.ceil(f.steps / math.ceil(num_graphs / config.data.ft_batch_size)))
+    return finetune.epochs_for_steps(f.steps, num_graphs, config.data.ft_batch_size)
 
 
 def _oracle_weights(data: _Data) -> np.ndarray:

@@ -155,6 +155,8 @@ def test_bad_config_is_named_before_anything_runs(tmp_path):
         ("temperature", 0.0, "config.temperature"),
         ("meta.hvp_mode", "finite_differences", "config.meta.hvp_mode"),
         ("augment.network_meta_lr_scale", 0.0, "config.augment.network_meta_lr_scale"),
+        ("finetune.linear.steps", 0, "config.finetune.linear.steps"),
+        ("finetune.full.learning_rate", -1e-3, "config.finetune.full.learning_rate"),
     ],
 )
 def test_validate_config_names_the_field(field, value, message):

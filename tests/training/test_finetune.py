@@ -126,9 +126,11 @@ def test_finetune_multilabel_from_scratch_and_bad_arguments():
         )
 
 
-def test_finetune_multilabel_on_padded_batches_equals_unpadded():
+@pytest.mark.parametrize("mode", finetune.MODES)
+def test_finetune_multilabel_on_padded_batches_equals_unpadded(mode):
     # mask_key on one device: padding rows (here garbage) count for nothing; the loss
     # is the mean over the real rows and the test predictions are theirs, in order.
+    # The linear probe's features are those of the real rows, in the same batches.
     def make_backbone():
         inputs = tf.keras.Input((5,))
         return tf.keras.Model(inputs, tf.keras.layers.Dense(4, activation="tanh")(inputs))
@@ -153,7 +155,9 @@ def test_finetune_multilabel_on_padded_batches_equals_unpadded():
             return {k: tf.cast(v, tf.float64) for k, v in d.items()}
 
         train, test = _multilabel_data(20, 0).map(float64), _multilabel_data(13, 1).map(float64)
-        kwargs = dict(num_tasks=2, input_key="x", label_key="y", epochs=2, learning_rate=0.05)
+        kwargs = dict(
+            num_tasks=2, input_key="x", label_key="y", epochs=2, learning_rate=0.05, mode=mode
+        )
         results = []
         for mask_key in (None, "mask"):
             tf.keras.utils.set_random_seed(0)
@@ -182,3 +186,64 @@ def test_finetune_multilabel_on_padded_batches_equals_unpadded():
         finetune.finetune_multilabel(
             None, make_backbone, tr, te, shard_fn=lambda b, r, i: b, **kwargs
         )
+
+
+class _CountingBackbone(tf.keras.Model):
+    """A dense backbone that counts the rows it is called on with training=False."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = tf.keras.layers.Dense(8, activation="tanh")
+        self.rows = tf.Variable(0, trainable=False)
+
+    def call(self, x, training=False):
+        self.rows.assign_add(tf.shape(x)[0])
+        return self.dense(x)
+
+
+def test_linear_finetuning_computes_the_features_once():
+    # 50 training rows in batches of 16 for 30 epochs: 120 head updates, but the
+    # frozen backbone sees each training row once (plus the test rows once).
+    tf.keras.utils.set_random_seed(0)
+    backbone = _CountingBackbone()
+    backbone(tf.zeros([1, 5]))
+    backbone.rows.assign(0)  # a weight: copied into the fine-tuned backbone
+    counted = {}
+    for mode in finetune.MODES:
+
+        def make_backbone(mode=mode):
+            model = _CountingBackbone()
+            model(tf.zeros([1, 5]))
+            counted[mode] = model
+            return model
+
+        result = finetune.finetune_multilabel(
+            backbone,
+            make_backbone,
+            _multilabel_data(50, 0).shuffle(50, seed=0).batch(16),
+            _multilabel_data(30, 1).batch(64),
+            num_tasks=2,
+            input_key="x",
+            label_key="y",
+            mode=mode,
+            epochs=30,
+            learning_rate=1e-2,
+        )
+        assert result.test_auc > 0.7  # 30 test rows; chance is 0.5
+    # The first training batch builds the head once in each mode (16 rows).
+    assert int(counted["linear"].rows) == 16 + 50 + 30
+    assert int(counted["full"].rows) == 16 + 30 * 50 + 30
+
+
+def test_epochs_for_steps():
+    assert finetune.epochs_for_steps(700, 1000, 32) == 22  # 32 batches per epoch: 704
+    assert finetune.epochs_for_steps(700, 500, 32) == 44  # 16 per epoch: 704 updates
+    assert finetune.epochs_for_steps(1000, 10, 32) == 1000  # one batch per epoch
+    assert finetune.epochs_for_steps(2, 100, 10) == 1  # at least one whole epoch
+    for kwargs, name in (
+        (dict(steps=0, num_examples=10, batch_size=2), "steps"),
+        (dict(steps=5, num_examples=0, batch_size=2), "num_examples"),
+        (dict(steps=5, num_examples=10, batch_size=0), "batch_size"),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+            finetune.epochs_for_steps(**kwargs)
