@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # SGD on g / ||g|| keeps the tasks' relative meta-gradient sizes, where Adam keeps
     # little more than their signs. Rate 3 decaying linearly to 0: at 8 units it pushes
     # the irrelevant tasks down far enough for the relevant ones to get the features
-    # (meta-PT 85.6 against supervised PT's 79.2, all FT data), where rate 1 did on
+    # (meta-PT 85.6 against supervised PT's 79.3, all FT data), where rate 1 did on
     # some seeds only. Its early noisy steps also drive some relevant and harmful
     # weights to 0 or 2, where w = 2 sigmoid(phi) stops moving, so it ranks relevant
     # above harmful tasks less well than rate 1 (README).

@@ -18,7 +18,10 @@ Everything a resumed run needs is checkpointed with `tf.train.CheckpointManager`
 theta, phi, the FT head and its optimizer state, the PT and meta optimizers, the
 step counters, the random generator, the data iterators, and the host-side
 history. A run killed at any point and restarted with the same arguments ends
-with the same phi (ops are made deterministic).
+with the same phi when its ops are deterministic
+(`tf.config.experimental.enable_op_determinism()`, as the tests run it). The
+ECG benchmark's meta-PT is not reproducible bit for bit between processes on
+CPU even so (the README's ECG section).
 
 Faults, and what the loop does about each:
 
