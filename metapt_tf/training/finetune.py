@@ -2,7 +2,8 @@
 
 After meta-PT (or plain PT) the backbone is copied, topped with a new linear
 head of `num_classes` logits and trained on the FT training set: every weight
-("full") or the head alone on frozen features ("linear"). The copy keeps the
+("full") or the head alone on frozen features ("linear"; `finetune_multilabel`
+computes those features once and trains the head on them). The copy keeps the
 pre-trained backbone itself untouched. Evaluation reports loss and accuracy
 on a held-out FT test set.
 
