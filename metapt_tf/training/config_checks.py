@@ -26,3 +26,10 @@ def require_int(config, field: str, minimum: int) -> None:
     value = lookup(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise config_error(field, value, f"an int >= {minimum}")
+
+
+def require_positive(config, field: str) -> None:
+    """Raises `config_error` unless the dotted `field` is a number (not a bool) > 0."""
+    value = lookup(config, field)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise config_error(field, value, "a number > 0")

@@ -76,7 +76,7 @@ from metapt_tf.data import ecg
 from metapt_tf.meta_params import AugmentationPipeline
 from metapt_tf.models import projection_head, resnet1d_backbone
 from metapt_tf.training import contrastive, distribute, finetune, interfaces, online, reporting
-from metapt_tf.training.config_checks import config_error, require_int
+from metapt_tf.training.config_checks import config_error, require_int, require_positive
 
 METHODS = ("no_pt", "simclr_fixed", "simclr_meta")
 METHOD_NAMES = {
@@ -147,14 +147,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         require_int(config, field, 1)
     if not float(a.initial_warp_scale) >= 0:
         raise config_error("augment.initial_warp_scale", a.initial_warp_scale, ">= 0")
-    scale = a.network_meta_lr_scale
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
-        raise config_error("augment.network_meta_lr_scale", scale, "a number > 0")
+    require_positive(config, "augment.network_meta_lr_scale")
     for mode in FT_MODES:
         require_int(config, f"finetune.{mode}.steps", 1)
-        rate = config.finetune[mode].learning_rate
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
-            raise config_error(f"finetune.{mode}.learning_rate", rate, "a number > 0")
+        require_positive(config, f"finetune.{mode}.learning_rate")
     online.validate_config(config.meta)
     meta = config.meta
     if meta.mixed_precision != "none":

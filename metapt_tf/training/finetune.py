@@ -510,11 +510,13 @@ def per_task_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def epochs_for_steps(steps: int, num_examples: int, batch_size: int) -> int:
     """The whole epochs over `num_examples` in batches of `batch_size` (the last one
     may be smaller) that make at least `steps` updates, and at least one epoch."""
-    for name, value in (("steps", steps), ("num_examples", num_examples)):
+    for name, value in (
+        ("steps", steps),
+        ("num_examples", num_examples),
+        ("batch_size", batch_size),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1. Received: {name}={value}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}.")
     return max(1, math.ceil(steps / math.ceil(num_examples / batch_size)))
 
 
