@@ -75,6 +75,18 @@ class FinetuneResult:
     train_accuracy: float
 
 
+def _traced(fn: Callable, input_signature) -> Callable:
+    """`fn` traced once for `input_signature`: a concrete function.
+
+    Every fine-tune builds its functions over its own new variables, each traced
+    once. Traced through `tf.function.__call__`, TensorFlow counted those first
+    traces of new functions made from one definition as retracing of one function
+    and logged its frequent-retracing warning after a few fine-tunes; traced
+    explicitly, they are not counted.
+    """
+    return tf.function(fn, input_signature=[input_signature]).get_concrete_function()
+
+
 def _check_split(name: str, split: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = split
     if len(x) == 0 or len(x) != len(y):
@@ -281,10 +293,11 @@ def _finetune_and_evaluate_sharded(
     size = min(batch_size, len(train[0]))
     width = _padded_width(size, replicas.num_replicas)
 
-    @tf.function(input_signature=[spec])
-    def train_step(batch):
+    def train_step_fn(batch):
         padded, weights, count = _pad_rows(batch, width)
         return replicas.sum(strategy.run(replica_train_step, args=(padded, weights, count)))
+
+    train_step = _traced(train_step_fn, spec)
 
     for order in _epoch_orders(len(train[0]), epochs):
         for start in range(0, len(train[0]), size):
@@ -297,10 +310,11 @@ def _finetune_and_evaluate_sharded(
         eval_size = min(EVAL_BATCH_SIZE, n)
         eval_width = _padded_width(eval_size, replicas.num_replicas)
 
-        @tf.function(input_signature=[spec])
-        def eval_step(batch):
+        def eval_step_fn(batch):
             padded, weights, _ = _pad_rows(batch, eval_width)
             return replicas.sum(strategy.run(replica_eval_step, args=(padded, weights)))
+
+        eval_step = _traced(eval_step_fn, spec)
 
         loss_sum = correct = 0.0
         for start in range(0, n, eval_size):
@@ -411,9 +425,7 @@ def _map_rows(
     elif not sharded:
         # One trace for every batch: eager values carry their own sizes (e.g. a
         # GraphTensor's node counts), so a signature from the dataset is given.
-        @tf.function(input_signature=[data.element_spec[input_key]])
-        def dense_outputs(x):
-            return fn(x)
+        dense_outputs = _traced(fn, data.element_spec[input_key])
 
         def outputs(batch):
             return dense_outputs(batch[input_key])
@@ -430,10 +442,11 @@ def _map_rows(
             shard = replicas.shard(inputs, "evaluation batch")
             return _place_in_rows(fn(shard), width, replicas.num_replicas)
 
-        @tf.function(input_signature=[data.element_spec[input_key]])
-        def padded_outputs(x):
+        def padded_outputs_fn(x):
             padded, _, size = _pad_rows(x, width)
             return replicas.sum(strategy.run(replica_outputs, args=(padded,)))[:size]
+
+        padded_outputs = _traced(padded_outputs_fn, data.element_spec[input_key])
 
         def outputs(batch):
             return padded_outputs(batch[input_key])
@@ -484,12 +497,11 @@ def _masked_outputs(fn, data, input_key, strategy, mask_key, shard_fn):
         out = fn(piece[input_key])
         return out if width is None else _place_in_rows(out, width, replicas.num_replicas)
 
-    @tf.function(input_signature=[data.element_spec])
     def outputs(batch):
         out = replicas.sum(replicas.strategy.run(replica_outputs, args=(batch,)))
         return tf.boolean_mask(out, batch[mask_key])
 
-    return outputs
+    return _traced(outputs, data.element_spec)
 
 
 def per_task_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -678,8 +690,7 @@ def finetune_multilabel(
         optimizer.apply_gradients(zip(grads, trainable, strict=True))
         return loss
 
-    @tf.function(input_signature=[train_data.element_spec])
-    def step(batch):
+    def step_fn(batch):
         labels = batch[label_key]
         if labels.shape[-1] is not None and labels.shape[-1] != num_tasks:
             raise ValueError(f"Labels have {labels.shape[-1]} tasks; the head has {num_tasks}.")
@@ -695,6 +706,7 @@ def finetune_multilabel(
         optimizer.apply_gradients(zip(grads, trainable, strict=True))
         return loss
 
+    step = _traced(step_fn, train_data.element_spec)
     loss = float("nan")
     for epoch in range(epochs):
         losses = [float(step(batch)) for batch in train_data]
