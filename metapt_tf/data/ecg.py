@@ -7,6 +7,9 @@ PTB-XL diagnostic superclasses `SUPERCLASSES` (NORM, MI, STTC, CD, HYP).
   each record's SCP codes to a multi-hot superclass label, keeps the
   stratified fold (fold 10 is the test set, folds 1-9 the pre-training pool)
   and z-scores every lead with statistics of the non-test records.
+* `write_ptbxl_layout` writes an `EcgData` back to disk in PTB-XL's layout
+  (the two CSVs and one 100 Hz wfdb record per row), so that `load_ptbxl`
+  reads it; with synthetic records, the PTB-XL path runs without the download.
 * `make_synthetic_ecg` draws ECG-shaped signals (P, QRS and T waves, baseline
   wander, noise) whose five labels are written into the waveform morphology.
   It is the offline default: it needs no download, and a model can learn it.
@@ -363,6 +366,199 @@ def _normalise_and_pad(
     signals = np.zeros((raw.shape[0], length, raw.shape[2]), dtype=np.float32)
     signals[:, : raw.shape[1]] = (raw - mean) / std
     return signals
+
+
+# --- Writing PTB-XL's layout ----------------------------------------------------------------
+
+# One diagnostic SCP code per superclass, written for a record with that label, and the
+# scp_statements.csv rows of every code written, as in PTB-XL (code: description,
+# diagnostic, form, rhythm, diagnostic_class, diagnostic_subclass).
+PTBXL_CODE_FOR_SUPERCLASS = {
+    "NORM": "NORM",
+    "MI": "IMI",
+    "STTC": "NDT",
+    "CD": "CLBBB",
+    "HYP": "LVH",
+}
+_WRITTEN_STATEMENTS = {
+    "NORM": ("normal ECG", "1.0", "", "", "NORM", "NORM"),
+    "IMI": ("inferior myocardial infarction", "1.0", "", "", "MI", "IMI"),
+    "NDT": ("non-diagnostic T abnormalities", "1.0", "1.0", "", "STTC", "STTC"),
+    "CLBBB": ("complete left bundle branch block", "1.0", "", "", "CD", "CLBBB"),
+    "LVH": ("left ventricular hypertrophy", "1.0", "", "", "HYP", "LVH"),
+    "SR": ("sinus rhythm", "", "", "1.0", "", ""),
+}
+_WRITTEN_DATABASE_COLUMNS = "ecg_id patient_id scp_codes strat_fold filename_lr filename_hr".split()
+_WRITTEN_STATEMENT_COLUMNS = [""] + (
+    "description diagnostic form rhythm diagnostic_class diagnostic_subclass".split()
+)
+_PTBXL_ADC_GAIN = 1000.0  # digital units per mV: 1 uV resolution, as in PTB-XL
+_PTBXL_MAX_DIGITAL = 32767  # format 16 holds -32768..32767; -32768 is wfdb's NaN
+_WRITE_LOG_EVERY = 1000
+
+
+def write_ptbxl_layout(data: EcgData, root: str, *, overwrite: bool = False) -> None:
+    """Writes ECGs to `root` in PTB-XL's on-disk layout, so `load_ptbxl(root)` reads them.
+
+    Writes, as the PTB-XL release holds them:
+
+    * `root/ptbxl_database.csv` with the columns ecg_id, patient_id, scp_codes,
+      strat_fold, filename_lr and filename_hr. Row i (0-based) of `data` gets
+      ecg_id i + 1 (whatever `data.record_ids` holds), patient_id i + 1 (one
+      patient per record), strat_fold `data.fold[i]` and filename_lr
+      "records100/<thousands>/<ecg_id>_lr", e.g. "records100/01000/01234_lr".
+      filename_hr names the 500 Hz record as in PTB-XL, which is not written.
+    * `root/scp_statements.csv`, indexed by SCP code, with the columns
+      description, diagnostic, form, rhythm, diagnostic_class and
+      diagnostic_subclass, for the codes written.
+    * One wfdb record per row, `root/<filename_lr>.hea` and `.dat`: 100 Hz, the
+      12 leads of `LEADS` in mV, format 16 with gain 1000 and baseline 0 (1 uV
+      resolution). The samples are the raw signals recovered from the z-scored
+      ones, signals[:, :1000] * std + mean, rounded to 1 uV.
+
+    Labels become SCP codes: one diagnostic code per superclass of the record
+    (`PTBXL_CODE_FOR_SUPERCLASS`, e.g. MI -> "IMI"), likelihood 100.0, and the
+    rhythm statement "SR" (sinus rhythm) with likelihood 0.0 on every record, as
+    PTB-XL lists it; a record without a label has SR only, so it loads with an
+    all-zero label. Labels and folds read back exactly; `load_ptbxl` takes its
+    normalisation statistics from the written samples, so the signals read back
+    within the 1 uV rounding.
+
+    The database CSV is written last, so an interrupted write leaves a
+    directory that `load_ptbxl` refuses rather than one listing missing records.
+    Other files in `root` are left as they are.
+
+    Args:
+      data: 10 s records at 100 Hz (`fs` 100, `num_samples` 1000), e.g. from
+        `make_synthetic_ecg(n, seed=...)` with its defaults.
+      root: the directory to write to; created if needed.
+      overwrite: replace a PTB-XL layout already in `root`: its two CSVs and the
+        records of the same names (records the new database does not list are
+        left, unread); else a `root` holding a ptbxl_database.csv is refused.
+
+    Raises:
+      FileExistsError: `root` already holds a ptbxl_database.csv and `overwrite`
+        is False.
+      ValueError: `data` does not fit PTB-XL's 100 Hz layout: fs is not 100,
+        num_samples is not 1000, the arrays are not 12 leads with one label row
+        and fold per record, a fold is outside 1..10, or a sample is not finite
+        or outside the 16-bit range at 1 uV (|x| > 32.767 mV); the message names
+        what was received.
+    """
+    _check_writable(data)
+    database_path = os.path.join(root, PTBXL_DATABASE_CSV)
+    if os.path.exists(database_path):
+        if not overwrite:
+            raise FileExistsError(
+                f"{database_path} already exists; pass overwrite=True to replace the PTB-XL "
+                f"layout in {root}"
+            )
+        os.remove(database_path)
+    os.makedirs(root, exist_ok=True)
+    import wfdb  # only needed for PTB-XL
+
+    n = len(data)
+    rows = []
+    with warnings.catch_warnings():
+        # wfdb 4.3.1 calls pandas with arguments that pandas 3 deprecates; not ours to fix.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"wfdb(\.|$)")
+        for i in range(n):
+            ecg_id = i + 1
+            filename = _ptbxl_filename(ecg_id, PTBXL_FS)
+            path = os.path.join(root, filename)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            wfdb.wrsamp(
+                os.path.basename(path),
+                fs=PTBXL_FS,
+                units=["mV"] * NUM_LEADS,
+                sig_name=list(LEADS),
+                p_signal=_raw_record(data, i),
+                fmt=["16"] * NUM_LEADS,
+                adc_gain=[_PTBXL_ADC_GAIN] * NUM_LEADS,
+                baseline=[0] * NUM_LEADS,
+                write_dir=os.path.dirname(path),
+            )
+            hr_filename = _ptbxl_filename(ecg_id, 500)
+            codes = repr(_scp_codes(data.labels[i]))
+            rows.append((ecg_id, float(ecg_id), codes, int(data.fold[i]), filename, hr_filename))
+            if (i + 1) % _WRITE_LOG_EVERY == 0:
+                logging.info("Wrote %d of %d PTB-XL records to %s.", i + 1, n, root)
+
+    with open(os.path.join(root, SCP_STATEMENTS_CSV), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(_WRITTEN_STATEMENT_COLUMNS)
+        writer.writerows((code, *row) for code, row in _WRITTEN_STATEMENTS.items())
+    partial = database_path + ".partial"
+    with open(partial, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(_WRITTEN_DATABASE_COLUMNS)
+        writer.writerows(rows)
+    os.replace(partial, database_path)
+    logging.info("Wrote %d records (%s) in PTB-XL's layout to %s.", n, data.description, root)
+
+
+def _scp_codes(label: np.ndarray) -> dict[str, float]:
+    """PTB-XL's scp_codes of a multi-hot label: its diagnostic codes, then SR."""
+    codes = {
+        PTBXL_CODE_FOR_SUPERCLASS[c]: 100.0
+        for c, v in zip(SUPERCLASSES, label, strict=True)
+        if v > 0
+    }
+    codes["SR"] = 0.0
+    return codes
+
+
+def _ptbxl_filename(ecg_id: int, fs: int) -> str:
+    """PTB-XL's record path, e.g. records100/01000/01234_lr (records500/.../01234_hr)."""
+    suffix = "lr" if fs == PTBXL_FS else "hr"
+    return f"records{fs}/{ecg_id // 1000 * 1000:05d}/{ecg_id:05d}_{suffix}"
+
+
+def _raw_record(data: EcgData, i: int) -> np.ndarray:
+    """Record i in mV, float64 [1000, 12]: the z-scoring undone, the padding dropped."""
+    z = data.signals[i, : data.num_samples].astype(np.float64)
+    return z * data.std.astype(np.float64) + data.mean.astype(np.float64)
+
+
+def _check_writable(data: EcgData) -> None:
+    """Raises ValueError, naming what it received, if PTB-XL's 100 Hz layout can't hold data."""
+    if data.fs != PTBXL_FS or data.num_samples != PTBXL_NUM_SAMPLES:
+        raise ValueError(
+            f"PTB-XL's layout holds 10 s records at {PTBXL_FS} Hz ({PTBXL_NUM_SAMPLES} "
+            f"samples). Received: fs={data.fs}, num_samples={data.num_samples} "
+            f"({data.description})"
+        )
+    n = len(data)
+    shapes = (data.signals.shape, data.labels.shape, data.fold.shape)
+    if (
+        len(shapes[0]) != 3
+        or shapes[0][0] != n
+        or shapes[0][1] < data.num_samples
+        or shapes[0][2] != NUM_LEADS
+        or shapes[1:] != ((n, NUM_CLASSES), (n,))
+    ):
+        raise ValueError(
+            f"signals, labels and fold must be [N, length >= {data.num_samples}, {NUM_LEADS}], "
+            f"[N, {NUM_CLASSES}] and [N]. Received: shapes {shapes}"
+        )
+    bad = np.flatnonzero((data.fold < 1) | (data.fold > NUM_FOLDS))
+    if bad.size:
+        raise ValueError(
+            f"PTB-XL's strat_fold is in [1, {NUM_FOLDS}]. Received: fold={data.fold[bad[0]]} "
+            f"for record {bad[0]} (ecg_id {bad[0] + 1})"
+        )
+    limit = _PTBXL_MAX_DIGITAL / _PTBXL_ADC_GAIN
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        raw = np.stack([_raw_record(data, i) for i in range(start, stop)])
+        outside = ~(np.abs(np.round(raw * _PTBXL_ADC_GAIN)) <= _PTBXL_MAX_DIGITAL)
+        if np.any(outside):
+            i, t, lead = np.argwhere(outside)[0]
+            raise ValueError(
+                f"PTB-XL's records hold finite samples of at most {limit:g} mV in magnitude "
+                f"(16 bits at 1 uV). Received: {raw[i, t, lead]:g} mV in record {start + i} "
+                f"(ecg_id {start + i + 1}), lead {LEADS[lead]}, sample {t}"
+            )
 
 
 # --- Synthetic ECGs --------------------------------------------------------------------------

@@ -1,5 +1,9 @@
-"""ECG data layer: PTB-XL loading and checks, the synthetic generator, FT splits, batches."""
+"""ECG data layer: PTB-XL loading and checks, writing PTB-XL's layout, the synthetic
+generator, FT splits, batches."""
 
+import ast
+import csv
+import dataclasses
 import os
 import shutil
 import warnings
@@ -192,6 +196,109 @@ def test_ptbxl_missing_column_is_named(ptbxl_copy):
         ValueError, match=r"ptbxl_database\.csv lacks the column\(s\) \['strat_fold'"
     ):
         ecg.load_ptbxl(ptbxl_copy)
+
+
+# --- write_ptbxl_layout ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """30 synthetic records, the first without a label, written in PTB-XL's layout and read back."""
+    d = ecg.make_synthetic_ecg(30, seed=4)
+    labels = d.labels.copy()
+    labels[0] = 0.0
+    d = dataclasses.replace(d, labels=labels)
+    root = str(tmp_path_factory.mktemp("written") / "ptbxl")  # the writer creates it
+    ecg.write_ptbxl_layout(d, root)
+    return root, d, ecg.load_ptbxl(root)
+
+
+def test_written_layout_reads_back_labels_folds_and_signals(written):
+    _, d, back = written
+    assert back.source == "ptbxl" and "PTB-XL, 30 records" in back.description
+    np.testing.assert_array_equal(back.labels, d.labels)
+    np.testing.assert_array_equal(back.labels[0], 0.0)
+    np.testing.assert_array_equal(back.fold, d.fold)
+    np.testing.assert_array_equal(back.record_ids, np.arange(1, 31))
+    np.testing.assert_array_equal(back.signals[:, 1000:], 0.0)
+    # In mV the files hold the raw signals rounded to 1 uV: at most 0.5 uV off, plus the
+    # float32 error of the z-scored signals (well under 0.01 uV at these amplitudes).
+    raw = d.signals[:, :1000].astype(np.float64) * d.std + d.mean
+    raw_back = back.signals[:, :1000].astype(np.float64) * back.std + back.mean
+    assert np.abs(raw_back - raw).max() <= 0.5e-3 + 1e-5
+    # In z-scored units: load_ptbxl recomputes the statistics from the rounded samples. A
+    # rounding error e (|e| <= 0.5 uV a sample) moves each lead's mean by at most 0.5 uV and
+    # its std by at most 0.5 uV (the std is a norm of the centred samples), so
+    # z = (x - mean) / std moves by at most (0.5 + 0.5 + 0.5 |z|) uV / std; 1e-5 for float32.
+    np.testing.assert_allclose(back.mean, d.mean, rtol=0, atol=0.5e-3 + 1e-6)
+    np.testing.assert_allclose(back.std, d.std, rtol=0, atol=0.5e-3 + 1e-6)
+    z = d.signals[:, :1000]
+    tolerance = (1e-3 + 0.5e-3 * np.abs(z)) / back.std + 1e-5
+    assert np.all(np.abs(back.signals[:, :1000] - z) <= tolerance)
+
+
+def test_written_files_follow_ptbxl(written):
+    root, d, _ = written
+    with open(os.path.join(root, ecg.PTBXL_DATABASE_CSV), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == "ecg_id patient_id scp_codes strat_fold filename_lr filename_hr".split()
+    assert [r["ecg_id"] for r in rows] == [str(i) for i in range(1, 31)]
+    assert rows[0]["scp_codes"] == "{'SR': 0.0}"  # no label: the rhythm statement only
+    assert rows[1]["filename_lr"] == "records100/00000/00002_lr"
+    assert rows[1]["filename_hr"] == "records500/00000/00002_hr"
+    assert ecg._ptbxl_filename(1234, 100) == "records100/01000/01234_lr"
+    for row, label in zip(rows[1:], d.labels[1:], strict=True):
+        codes = ast.literal_eval(row["scp_codes"])
+        superclasses = [c for c, v in zip(ecg.SUPERCLASSES, label, strict=True) if v]
+        expected = {ecg.PTBXL_CODE_FOR_SUPERCLASS[c]: 100.0 for c in superclasses}
+        assert codes == {**expected, "SR": 0.0}
+    with open(os.path.join(root, ecg.SCP_STATEMENTS_CSV), newline="") as f:
+        statements = {r[""]: r for r in csv.DictReader(f)}
+    assert statements["IMI"]["diagnostic_class"] == "MI" and statements["SR"]["rhythm"] == "1.0"
+    header = wfdb.rdheader(os.path.join(root, rows[1]["filename_lr"]))
+    assert (header.fs, header.sig_len, header.sig_name) == (100, 1000, list(ecg.LEADS))
+    assert header.units == ["mV"] * 12 and header.fmt == ["16"] * 12
+    assert header.adc_gain == [1000.0] * 12 and header.baseline == [0] * 12
+
+
+@pytest.mark.parametrize(
+    "kwargs, received",
+    [
+        ({"fs": 250, "length": 2560}, "fs=250, num_samples=2500"),
+        ({"duration_s": 5.0}, "fs=100, num_samples=500"),
+    ],
+)
+def test_write_refuses_records_ptbxl_cannot_hold(tmp_path, kwargs, received):
+    d = ecg.make_synthetic_ecg(2, seed=0, **kwargs)
+    with pytest.raises(
+        ValueError, match=r"10 s records at 100 Hz \(1000 samples\)\. Received: " + received
+    ):
+        ecg.write_ptbxl_layout(d, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_refuses_samples_outside_16_bits_at_1_uv(tmp_path):
+    d = ecg.make_synthetic_ecg(2, seed=0)
+    d = dataclasses.replace(d, mean=d.mean + np.float32(40.0))  # every sample near 40 mV
+    received = r"Received: [\d.]+ mV in record 0 \(ecg_id 1\), lead I, sample 0"
+    with pytest.raises(ValueError, match=r"at most 32\.767 mV .*" + received):
+        ecg.write_ptbxl_layout(d, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_refuses_to_overwrite_unless_asked(tmp_path):
+    root = str(tmp_path)
+    ecg.write_ptbxl_layout(ecg.make_synthetic_ecg(3, seed=0), root)
+    other = ecg.make_synthetic_ecg(2, seed=1)
+    with pytest.raises(
+        FileExistsError, match=r"ptbxl_database\.csv already exists; pass overwrite=True"
+    ):
+        ecg.write_ptbxl_layout(other, root)
+    assert len(ecg.load_ptbxl(root)) == 3
+    ecg.write_ptbxl_layout(other, root, overwrite=True)
+    back = ecg.load_ptbxl(root)
+    np.testing.assert_array_equal(back.labels, other.labels)
+    np.testing.assert_array_equal(back.fold, other.fold)
 
 
 # --- make_synthetic_ecg ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ECG SimCLR benchmark: its smoke variant end to end through the binary (every
 method and N, linear and full FT, results, figures, a servable export checked in a
-fresh process, resumption), the SimCLR problem's views and meta-gradient, and clear
-config errors."""
+fresh process, resumption), its ptbxl variant on synthetic records written in PTB-XL's
+layout, the SimCLR problem's views and meta-gradient, and clear config errors."""
 
 import json
 import subprocess
@@ -175,6 +175,58 @@ def test_ptbxl_without_a_directory_is_named():
     config.data.source = "ptbxl"
     with pytest.raises(ValueError, match=r"config\.data\.dir"):
         ecg_benchmark.validate_config(config)
+
+
+def test_ptbxl_variant_runs_end_to_end_on_synthetic_records_in_ptbxl_layout(tmp_path):
+    # The variant's data path (load_ptbxl on ptbxl_database.csv, scp_statements.csv and
+    # wfdb records) and its paper-size ResNet-18, on 100 synthetic records written by the
+    # binary; only the schedule is cut, to one step of each kind (about 2 min on 2 CPU cores).
+    data_dir = tmp_path / "ptbxl"
+    written = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainers.write_synthetic_ptbxl",
+            f"--output_dir={data_dir}",
+            "--num_records=100",
+            "--seed=0",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert f"--config.data.dir={data_dir}" in written.stdout
+    workdir = tmp_path / "run"
+    proc = _run(
+        workdir,
+        f"--config.data.dir={data_dir}",
+        "--config.seeds=(0,)",
+        "--config.num_labelled=(10,)",
+        "--config.data.pt_batch_size=8",
+        "--config.data.ft_batch_size=8",
+        "--config.meta.warmup_steps=1",
+        "--config.meta.num_meta_steps=1",
+        "--config.meta.pt_steps_per_meta_step=1",
+        "--config.meta.log_every=1",
+        "--config.meta.checkpoint_every=1",
+        "--config.finetune.linear.steps=2",
+        "--config.finetune.full.steps=2",
+        config=CONFIG + ":ptbxl",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"Loading PTB-XL from {data_dir}" in proc.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["data"].startswith("PTB-XL, 100 records at 100 Hz (10 in test fold 10)")
+    for mode in ecg_benchmark.FT_MODES:
+        for method in ecg_benchmark.METHODS:
+            cell = results["test_auc"][mode][method]["10"]
+            assert len(cell["runs"]) == 1 and np.isfinite(cell["mean"]), (mode, method)
+            assert 0.0 <= cell["mean"] <= 1.0
+    export = Path(results["export"])
+    assert export.parent == workdir / "export" and (export / "saved_model.pb").is_file()
 
 
 def test_simclr_problem_sees_one_draw_per_batch_and_reaches_every_meta_param():
