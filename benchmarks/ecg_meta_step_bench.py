@@ -47,7 +47,7 @@ benchmarks/meta_step_harness.py, shared with benchmarks/gin_meta_step_bench.py):
 
 Grid: N (Neumann terms) in {1, 5} x K (unrolled FT steps) in {1, 5}, P = 10,
 HVP mode `hypergrad.DEFAULT_HVP_MODE` (`--hvp_modes all` adds the other).
-time ratio = median(meta_step) / median(pt_reference). The issue sets no target
+time ratio = median(meta_step) / median(pt_reference). No target is set
 for this setting: the ratios are informational (the GIN benchmark has the target).
 
 Timing, peak memory: as in benchmarks/gin_meta_step_bench.py: warm-up (tracing)
@@ -253,7 +253,7 @@ def report(cfg: Config, bench: Bench, summary: dict, memory_method: str | None) 
     )
     meta_step_harness.print_table(summary, memory_method)
     print()
-    print("No target: the issue sets none for the ECG setting; these ratios are informational.")
+    print("No target is set for the ECG setting; these ratios are informational.")
 
 
 # -- main -------------------------------------------------------------------------------

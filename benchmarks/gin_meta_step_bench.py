@@ -35,7 +35,7 @@ benchmarks/meta_step_harness.py, shared with benchmarks/ecg_meta_step_bench.py):
 Grid: N (Neumann terms) in {1, 5} x K (unrolled FT steps) in {1, 5}, P = 10,
 HVP mode `hypergrad.DEFAULT_HVP_MODE` (`--hvp_modes all` adds the other).
 time ratio = median(meta_step) / median(pt_reference), i.e.
-(P PT steps + meta-gradient + meta-update) / (P PT steps). Target (the issue):
+(P PT steps + meta-gradient + meta-update) / (P PT steps). Target:
 P=10, K=1, N=1, default HVP mode: time ratio <= 1.6.
 
 Timing: after warm-up (tracing), repetitions run round-robin over the reference

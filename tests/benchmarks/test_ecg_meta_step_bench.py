@@ -14,9 +14,7 @@ from meta_step_checks import DEFAULT_HVP_MODE, check_timings, finite_positive
 
 ROOT = Path(__file__).resolve().parents[2]
 
-INFORMATIONAL_LINE = (
-    "No target: the issue sets none for the ECG setting; these ratios are informational."
-)
+INFORMATIONAL_LINE = "No target is set for the ECG setting; these ratios are informational."
 
 
 def _run_quick(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
