@@ -15,17 +15,28 @@ def env() -> dict:
     return dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
 
 
+def python(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`python <args>` in a fresh process from ROOT, Keras 2 pinned, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run(config: str, workdir, *extra, timeout: int = 900) -> subprocess.CompletedProcess:
     """`python -m trainers.run_benchmark --config=<config> --workdir=<workdir> <extra>`."""
-    cmd = [
-        sys.executable,
+    return python(
         "-m",
         "trainers.run_benchmark",
         f"--config={config}",
         f"--workdir={workdir}",
         *extra,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+        timeout=timeout,
+    )
 
 
 def load_config(path: str, variant: str | None) -> ml_collections.ConfigDict:

@@ -103,14 +103,7 @@ def test_export_serves_the_evaluated_model_in_a_fresh_process(smoke_run):
         "print(json.dumps({'shape': list(p.shape), 'auc': [None if np.isnan(a) else a "
         "for a in auc.tolist()]}))\n"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    loaded = benchmark_binary.python("-c", script, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     served = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert served["shape"][1] == ecg.NUM_CLASSES
@@ -182,19 +175,12 @@ def test_ptbxl_variant_runs_end_to_end_on_synthetic_records_in_ptbxl_layout(tmp_
     # wfdb records) and its paper-size ResNet-18, on 100 synthetic records written by the
     # binary; only the schedule is cut, to one step of each kind (about 2 min on 2 CPU cores).
     data_dir = tmp_path / "ptbxl"
-    written = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainers.write_synthetic_ptbxl",
-            f"--output_dir={data_dir}",
-            "--num_records=100",
-            "--seed=0",
-        ],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
+    written = benchmark_binary.python(
+        "-m",
+        "trainers.write_synthetic_ptbxl",
+        f"--output_dir={data_dir}",
+        "--num_records=100",
+        "--seed=0",
         timeout=300,
     )
     assert written.returncode == 0, written.stderr[-3000:]

@@ -95,14 +95,7 @@ def test_export_serves_the_evaluated_model_in_a_fresh_process(smoke_run):
         "diff = float(np.abs(p - q).max())\n"
         "print(json.dumps({'shape': list(p.shape), 'auc': auc, 'unlabelled_diff': diff}))\n"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    loaded = benchmark_binary.python("-c", script, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     served = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert served["shape"] == [40, 4]
