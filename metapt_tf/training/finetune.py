@@ -59,7 +59,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from metapt_tf.training import distribute, reporting
+from metapt_tf.training import distribute, reporting, tracing
 
 MODES = ("full", "linear")
 EVAL_BATCH_SIZE = 256  # examples per evaluation batch of `finetune_and_evaluate`
@@ -73,18 +73,6 @@ class FinetuneResult:
     test_accuracy: float
     test_loss: float
     train_accuracy: float
-
-
-def _traced(fn: Callable, input_signature) -> Callable:
-    """`fn` traced once for `input_signature`: a concrete function.
-
-    Every fine-tune builds its functions over its own new variables, each traced
-    once. Traced through `tf.function.__call__`, TensorFlow counted those first
-    traces of new functions made from one definition as retracing of one function
-    and logged its frequent-retracing warning after a few fine-tunes; traced
-    explicitly, they are not counted.
-    """
-    return tf.function(fn, input_signature=[input_signature]).get_concrete_function()
 
 
 def _check_split(name: str, split: tuple[np.ndarray, np.ndarray]) -> None:
@@ -297,7 +285,7 @@ def _finetune_and_evaluate_sharded(
         padded, weights, count = _pad_rows(batch, width)
         return replicas.sum(strategy.run(replica_train_step, args=(padded, weights, count)))
 
-    train_step = _traced(train_step_fn, spec)
+    train_step = tracing.traced_once(train_step_fn, spec)
 
     for order in _epoch_orders(len(train[0]), epochs):
         for start in range(0, len(train[0]), size):
@@ -314,7 +302,7 @@ def _finetune_and_evaluate_sharded(
             padded, weights, _ = _pad_rows(batch, eval_width)
             return replicas.sum(strategy.run(replica_eval_step, args=(padded, weights)))
 
-        eval_step = _traced(eval_step_fn, spec)
+        eval_step = tracing.traced_once(eval_step_fn, spec)
 
         loss_sum = correct = 0.0
         for start in range(0, n, eval_size):
@@ -425,7 +413,7 @@ def _map_rows(
     elif not sharded:
         # One trace for every batch: eager values carry their own sizes (e.g. a
         # GraphTensor's node counts), so a signature from the dataset is given.
-        dense_outputs = _traced(fn, data.element_spec[input_key])
+        dense_outputs = tracing.traced_once(fn, data.element_spec[input_key])
 
         def outputs(batch):
             return dense_outputs(batch[input_key])
@@ -446,7 +434,7 @@ def _map_rows(
             padded, _, size = _pad_rows(x, width)
             return replicas.sum(strategy.run(replica_outputs, args=(padded,)))[:size]
 
-        padded_outputs = _traced(padded_outputs_fn, data.element_spec[input_key])
+        padded_outputs = tracing.traced_once(padded_outputs_fn, data.element_spec[input_key])
 
         def outputs(batch):
             return padded_outputs(batch[input_key])
@@ -501,7 +489,7 @@ def _masked_outputs(fn, data, input_key, strategy, mask_key, shard_fn):
         out = replicas.sum(replicas.strategy.run(replica_outputs, args=(batch,)))
         return tf.boolean_mask(out, batch[mask_key])
 
-    return _traced(outputs, data.element_spec)
+    return tracing.traced_once(outputs, data.element_spec)
 
 
 def per_task_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -706,7 +694,7 @@ def finetune_multilabel(
         optimizer.apply_gradients(zip(grads, trainable, strict=True))
         return loss
 
-    step = _traced(step_fn, train_data.element_spec)
+    step = tracing.traced_once(step_fn, train_data.element_spec)
     loss = float("nan")
     for epoch in range(epochs):
         losses = [float(step(batch)) for batch in train_data]

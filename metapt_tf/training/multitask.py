@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from metapt_tf.training import distribute, reporting
+from metapt_tf.training import distribute, reporting, tracing
 
 Grads = list[tf.Tensor]
 
@@ -225,8 +225,7 @@ def cotrain(
         )
         return pt_loss, ft_loss, conflict
 
-    @tf.function
-    def train_steps(n):
+    def train_steps_fn(n):
         pt_losses = tf.TensorArray(tf.float32, size=n)
         ft_losses = tf.TensorArray(tf.float32, size=n)
         for i in tf.range(n):
@@ -244,6 +243,8 @@ def cotrain(
             pt_losses = pt_losses.write(i, tf.cast(replicas.sum(pt_loss), tf.float32))
             ft_losses = ft_losses.write(i, tf.cast(replicas.sum(ft_loss), tf.float32))
         return pt_losses.stack(), ft_losses.stack()
+
+    train_steps = tracing.traced_once(train_steps_fn, tf.TensorSpec([], tf.int32))
 
     name = "CoTrain + PCGrad" if use_pcgrad else "CoTrain"
     chief = distribute.is_chief(strategy)
