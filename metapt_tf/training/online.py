@@ -73,7 +73,7 @@ import tensorflow as tf
 from absl import logging
 
 from metapt_tf import hypergrad
-from metapt_tf.training import distribute, interfaces, reporting
+from metapt_tf.training import distribute, interfaces, reporting, tracing
 
 FT_OPTIMIZERS = ("adam", "sgd", "momentum")
 HEAD_MODES = ("persistent", "reinit", "pt_head")
@@ -439,9 +439,9 @@ class _Loop:
             compile=False,  # compiled as part of _meta_step below
             reduce_fn=self._reduce if distributed or self.loss_scaled else None,
         )
-        self._pt_steps_fn = tf.function(self._pt_steps)
-        self._meta_step_fn = tf.function(self._meta_step)
-        self._apply_meta_fn = tf.function(self._apply_meta)
+        # Traced on first use, once each (`tracing.traced_once`): a benchmark runs many
+        # loops in one process, and TensorFlow took their first traces for retracing.
+        self._traced: dict[str, Callable] = {}
         # XLA compiles the per-replica arithmetic only: the iterators stay outside.
         self._replica_meta_step_fn = (
             tf.function(self._replica_meta_step, jit_compile=True)
@@ -646,10 +646,33 @@ class _Loop:
             grads = [g * tf.cast(scale, g.dtype) for g in grads]
         self.strategy.run(self._replica_apply_meta, args=(grads,))
 
+    @property
+    def _pt_steps_fn(self) -> Callable:
+        """`_pt_steps` traced once: (n: int32 scalar) -> (losses, codes, head steps skipped)."""
+        if "pt_steps" not in self._traced:
+            head_steps = self.c.head == "persistent" and self.c.head_steps_during_pt
+            self._traced["pt_steps"] = tracing.traced_once(
+                lambda n: self._pt_steps(n, head_steps), tf.TensorSpec([], tf.int32)
+            )
+        return self._traced["pt_steps"]
+
+    @property
+    def _meta_step_fn(self) -> Callable:
+        """`_meta_step` traced once (it takes no arguments: it reads the iterators)."""
+        if "meta_step" not in self._traced:
+            self._traced["meta_step"] = tracing.traced_once(self._meta_step)
+        return self._traced["meta_step"]
+
+    def _apply_meta_fn(self, grads) -> None:
+        """`_apply_meta` traced once, for the structure of the first meta-gradient."""
+        if "apply_meta" not in self._traced:
+            spec = tf.nest.map_structure(tf.type_spec_from_value, grads)
+            self._traced["apply_meta"] = tracing.traced_once(self._apply_meta, spec)
+        self._traced["apply_meta"](grads)
+
     def pt_steps(self, n: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Runs n PT steps; returns their losses, their _PT_* codes, and FT-head steps skipped."""
-        head_steps = self.c.head == "persistent" and self.c.head_steps_during_pt
-        losses, codes, head_skipped = self._pt_steps_fn(tf.constant(n), head_steps)
+        losses, codes, head_skipped = self._pt_steps_fn(tf.constant(n, tf.int32))
         return losses.numpy(), codes.numpy(), int(head_skipped)
 
     def meta_step_and_update(self) -> dict:

@@ -2,6 +2,7 @@
 skips non-finite meta-gradients and stops on a non-finite PT loss."""
 
 import glob
+import logging
 import os
 
 import ml_collections
@@ -371,3 +372,30 @@ def test_meta_learning_rate_scales_resume_with_every_optimizer_state(tmp_path):
 def test_bad_meta_learning_rate_scales_are_refused(scales):
     with pytest.raises(ValueError, match="meta_learning_rate_scales must hold one positive"):
         _problem(lr_scales=scales)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_repeated_runs_are_not_taken_for_retracing(tmp_path):
+    # A benchmark runs a loop per method, seed and setting in one process, each with
+    # its compiled steps traced once; TensorFlow must not warn of retracing after a few.
+    records = _Records()
+    tf.get_logger().addHandler(records)
+    try:
+        for seed in range(6):
+            problem, _, data = _problem(seed)
+            config = _config(num_meta_steps=3, warmup_steps=2, log_every=1, checkpoint_every=3)
+            result = online.run(
+                problem, **data, config=config, workdir=str(tmp_path / str(seed)), log=None
+            )
+            assert result.meta_steps == 3
+    finally:
+        tf.get_logger().removeHandler(records)
+    assert not [m for m in records.messages if "retracing" in m], records.messages
