@@ -244,7 +244,11 @@ def cotrain(
             ft_losses = ft_losses.write(i, tf.cast(replicas.sum(ft_loss), tf.float32))
         return pt_losses.stack(), ft_losses.stack()
 
-    train_steps = tracing.traced_once(train_steps_fn, tf.TensorSpec([], tf.int32))
+    train_steps = tracing.traced_once(
+        train_steps_fn,
+        tf.TensorSpec([], tf.int32),
+        autograph=True,  # the tf.range loop
+    )
 
     name = "CoTrain + PCGrad" if use_pcgrad else "CoTrain"
     chief = distribute.is_chief(strategy)

