@@ -27,7 +27,11 @@ class MetaPretrainProblem:
       meta_params: phi, the variables the meta-gradient trains (e.g.
         `ExampleWeights.variables_list`).
       pt_loss_fn: `batch -> scalar` PT loss on a PT batch; reads theta and phi.
-        Called inside `tf.function`; must be differentiable in both.
+        Called inside `tf.function`; must be differentiable in both. The loop
+        traces its steps without AutoGraph (it halves their tracing time), so
+        this and the other callables here use `tf.cond`/`tf.where`, not Python
+        `if`/`while` on tensors (or are themselves decorated with `tf.function`,
+        which converts them).
       num_ft_classes: classes of the FT task (a softmax head of that many logits;
         with `ft_multilabel`, that many independent sigmoid outputs).
       ft_input_key, ft_label_key: keys of the FT batches' inputs and labels.

@@ -399,3 +399,34 @@ def test_repeated_runs_are_not_taken_for_retracing(tmp_path):
     finally:
         tf.get_logger().removeHandler(records)
     assert not [m for m in records.messages if "retracing" in m], records.messages
+
+
+def test_pt_loss_with_python_control_flow_needs_its_own_tf_function(tmp_path):
+    # The loop traces its steps without AutoGraph: a Python `if` on a tensor in the PT
+    # loss fails at the first trace, with TensorFlow's error naming AutoGraph; the same
+    # loss decorated with tf.function (which converts it) runs, and trains like the
+    # loss without the branch (never taken here).
+    config = _config(num_meta_steps=3, warmup_steps=2, log_every=1, checkpoint_every=3)
+
+    def with_branch(loss_fn):
+        def branchy(batch):
+            loss = loss_fn(batch)
+            if loss > 1e6:
+                loss = loss * 0.0
+            return loss
+
+        return branchy
+
+    problem, _, data = _problem()
+    problem.pt_loss_fn = with_branch(problem.pt_loss_fn)
+    with pytest.raises(tf.errors.OperatorNotAllowedInGraphError, match="AutoGraph"):
+        online.run(problem, **data, config=config, workdir=str(tmp_path / "plain"), log=None)
+
+    problem, weights, data = _problem()
+    online.run(problem, **data, config=config, workdir=str(tmp_path / "reference"), log=None)
+    expected = weights.phi.numpy().copy()
+    problem, weights, data = _problem()
+    problem.pt_loss_fn = tf.function(with_branch(problem.pt_loss_fn))
+    online.run(problem, **data, config=config, workdir=str(tmp_path / "decorated"), log=None)
+    assert np.abs(expected).max() > 1e-6  # phi moved from 0
+    np.testing.assert_allclose(weights.phi.numpy(), expected, rtol=1e-5, atol=1e-7)
