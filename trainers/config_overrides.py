@@ -55,9 +55,13 @@ def check_overrides(argv: list[str], default_config: pathlib.Path) -> str | None
 
 
 def _lookup(config, field: str):
-    for part in field.split("."):
+    """The field's default, or None for a field typed `object` (it takes any value)."""
+    *parents, last = field.split(".")
+    for part in parents:
         config = config[part]
-    return config
+    if config.get_ref(last).get_type() is object:
+        return None  # e.g. meta.neumann_alpha: a number or "auto"; the trainer validates it
+    return config[last]
 
 
 _BOOLS = ("true", "false", "t", "f", "1", "0")

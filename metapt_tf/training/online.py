@@ -108,7 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.head_steps_during_pt = True  # one plain FT-head step per PT step (persistent head)
     c.solver = "neumann"
     c.neumann_terms = 1
-    c.neumann_alpha = 1e-3  # a number, or "auto"
+    # A number > 0, or "auto" (power iteration for the top eigenvalue; typed `object` so
+    # that configs and --config.meta.neumann_alpha=auto on the command line can set it).
+    c.neumann_alpha = ml_collections.FieldReference(1e-3, field_type=object)
     c.cg_max_iters = 20
     c.cg_damping = 1e-3
     c.hvp_mode = hypergrad.DEFAULT_HVP_MODE
@@ -181,8 +183,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         v = c[field]
         if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
             raise _fail(field, v, "a number >= 0")
-    if c.neumann_alpha != "auto":
-        positive("neumann_alpha")
+    alpha = c.neumann_alpha
+    if alpha != "auto" and (
+        isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0
+    ):
+        raise _fail("neumann_alpha", alpha, "a number > 0 or 'auto'")
     choice("pt_optimizer", OPTIMIZERS)
     choice("meta_optimizer", META_OPTIMIZERS)
     choice("meta_lr_decay", META_LR_DECAYS)

@@ -430,3 +430,28 @@ def test_pt_loss_with_python_control_flow_needs_its_own_tf_function(tmp_path):
     online.run(problem, **data, config=config, workdir=str(tmp_path / "decorated"), log=None)
     assert np.abs(expected).max() > 1e-6  # phi moved from 0
     np.testing.assert_allclose(weights.phi.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("1e-4", 1e-4)])
+def test_neumann_alpha_is_a_number_or_auto_in_configs_and_on_the_command_line(value, expected):
+    from absl import flags
+    from ml_collections import config_flags
+
+    from trainers import config_overrides
+
+    config_file = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ppi_multitask.py")
+    argv = [f"--config={config_file}", f"--config.meta.neumann_alpha={value}"]
+    assert config_overrides.check_overrides(argv, config_file) is None
+    flag_values = flags.FlagValues()  # as the trainers parse their flags
+    config_flags.DEFINE_config_file(
+        "config", None, flag_values=flag_values, sys_argv=["trainer", *argv]
+    )
+    flag_values(["trainer", *argv])
+    meta = flag_values.config.meta
+    assert meta.neumann_alpha == expected
+    online.validate_config(meta)
+    solver = online.make_solver(meta)
+    assert solver.alpha == expected
+    meta.neumann_alpha = "big"
+    with pytest.raises(ValueError, match=r"neumann_alpha must be a number > 0 or 'auto'"):
+        online.validate_config(meta)
