@@ -1,5 +1,6 @@
 """Shared test setup: Keras 2 pinned before TensorFlow loads, quiet logs."""
 
+import logging
 import os
 
 import pytest
@@ -50,3 +51,24 @@ def _check_hvp_against_central_differences(loss_fn, params, vector, rel_tol=1e-2
 def assert_hvp_matches_central_differences():
     """The check above, for tests of models whose losses are differentiated twice."""
     return _check_hvp_against_central_differences
+
+
+class _Messages(logging.Handler):
+    def __init__(self, messages):
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def tensorflow_warnings():
+    """The messages of the warnings TensorFlow's logger emits during the test (a list)."""
+    import tensorflow as tf
+
+    messages = []
+    handler = _Messages(messages)
+    tf.get_logger().addHandler(handler)
+    yield messages
+    tf.get_logger().removeHandler(handler)

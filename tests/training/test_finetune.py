@@ -1,7 +1,5 @@
 """Final fine-tuning: full trains a copy of the backbone, linear freezes it."""
 
-import logging
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -251,40 +249,26 @@ def test_epochs_for_steps():
             finetune.epochs_for_steps(**kwargs)
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize("mode", finetune.MODES)
-def test_repeated_fine_tunes_are_not_taken_for_retracing(mode):
+def test_repeated_fine_tunes_are_not_taken_for_retracing(mode, tensorflow_warnings):
     # A benchmark fine-tunes many backbones in one process, each with functions of
     # its own traced once; TensorFlow must not warn of retracing after a few.
     def make_backbone():
         inputs = tf.keras.Input((5,))
         return tf.keras.Model(inputs, tf.keras.layers.Dense(4)(inputs))
 
-    records = _Records()
-    tf.get_logger().addHandler(records)
-    try:
-        for seed in range(7):  # one batch each: every call of a function its first
-            data = _multilabel_data(20, seed).batch(20)
-            finetune.finetune_multilabel(
-                make_backbone(),
-                make_backbone,
-                data,
-                data,
-                num_tasks=2,
-                input_key="x",
-                label_key="y",
-                mode=mode,
-                epochs=1,
-                seed=seed,
-            )
-    finally:
-        tf.get_logger().removeHandler(records)
-    assert not [m for m in records.messages if "retracing" in m], records.messages
+    for seed in range(7):  # one batch each: every call of a function its first
+        data = _multilabel_data(20, seed).batch(20)
+        finetune.finetune_multilabel(
+            make_backbone(),
+            make_backbone,
+            data,
+            data,
+            num_tasks=2,
+            input_key="x",
+            label_key="y",
+            mode=mode,
+            epochs=1,
+            seed=seed,
+        )
+    assert not [m for m in tensorflow_warnings if "retracing" in m], tensorflow_warnings

@@ -2,7 +2,6 @@
 skips non-finite meta-gradients and stops on a non-finite PT loss."""
 
 import glob
-import logging
 import os
 
 import ml_collections
@@ -374,31 +373,17 @@ def test_bad_meta_learning_rate_scales_are_refused(scales):
         _problem(lr_scales=scales)
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_repeated_runs_are_not_taken_for_retracing(tmp_path):
+def test_repeated_runs_are_not_taken_for_retracing(tmp_path, tensorflow_warnings):
     # A benchmark runs a loop per method, seed and setting in one process, each with
     # its compiled steps traced once; TensorFlow must not warn of retracing after a few.
-    records = _Records()
-    tf.get_logger().addHandler(records)
-    try:
-        for seed in range(6):
-            problem, _, data = _problem(seed)
-            config = _config(num_meta_steps=3, warmup_steps=2, log_every=1, checkpoint_every=3)
-            result = online.run(
-                problem, **data, config=config, workdir=str(tmp_path / str(seed)), log=None
-            )
-            assert result.meta_steps == 3
-    finally:
-        tf.get_logger().removeHandler(records)
-    assert not [m for m in records.messages if "retracing" in m], records.messages
+    for seed in range(6):
+        problem, _, data = _problem(seed)
+        config = _config(num_meta_steps=3, warmup_steps=2, log_every=1, checkpoint_every=3)
+        result = online.run(
+            problem, **data, config=config, workdir=str(tmp_path / str(seed)), log=None
+        )
+        assert result.meta_steps == 3
+    assert not [m for m in tensorflow_warnings if "retracing" in m], tensorflow_warnings
 
 
 def test_pt_loss_with_python_control_flow_needs_its_own_tf_function(tmp_path):
