@@ -65,7 +65,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -562,6 +562,76 @@ def run(
     say(f"SavedModel:  {exported or 'not exported (config.export=False)'}")
     say(f"TensorBoard: tensorboard --logdir {workdir}")
     return results
+
+
+def meta_gradient_noise(
+    config: ml_collections.ConfigDict,
+    *,
+    n: int,
+    at_pt_steps: Sequence[int],
+    num_samples: int,
+    seeds: Sequence[int] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[dict]:
+    """The meta-gradient's noise for the pipeline's three strengths, per seed and state.
+
+    For each seed, the meta-PT run of `simclr_meta` at N = `n` up to its choice of
+    phi: the same data, splits, model, pipeline at its initial value and loop
+    settings; then PT with phi fixed, and at each of `at_pt_steps` PT steps
+    `num_samples` meta-gradients from fresh batches and views
+    (`online.sample_meta_gradients`). One row per seed, state and strength:
+    "warp_scale" (the meta-gradient w.r.t. s, g = s^2), "noise_scale" (w.r.t.
+    rho, scale = softplus(rho)) and "mask_strength" (w.r.t. phi, strength =
+    sigmoid(phi)); each map is increasing, so a positive mean says the FT-val loss
+    falls with a weaker augmentation. Each row holds the mean, standard deviation,
+    standard error, signal-to-noise ratio (mean / sd) and fraction of positive
+    samples (`online.MetaGradientSamples.summary`).
+    """
+    validate_config(config)
+    if n not in tuple(config.num_labelled):
+        raise ValueError(f"n={n} is not one of config.num_labelled {tuple(config.num_labelled)}.")
+    say = log or (lambda _: None)
+    data = prepare_data(config, say)
+    rows = []
+    for seed in config.seeds if seeds is None else seeds:
+        runner = _Runner(config, data, "", int(seed), say)
+        built = build_problem(config, int(seed))
+        pipeline = built.pipeline
+        parameters = {"warp_scale": pipeline.time_warp.s}
+        if pipeline.learned_noise is not None:
+            parameters["noise_scale"] = pipeline.learned_noise.rho
+        if pipeline.learned_mask is not None:
+            parameters["mask_strength"] = pipeline.learned_mask.phi
+        meta_params = built.problem.meta_params
+        index = {
+            name: next(i for i, v in enumerate(meta_params) if v is var)
+            for name, var in parameters.items()
+        }
+        meta_config = ml_collections.ConfigDict(config.meta.to_dict())
+        meta_config.seed = int(seed)
+        train, val = runner.splits.labelled[n]
+        say(f"Seed {seed}, N={n}: {train.size} FT-train and {val.size} FT-val records.")
+        for samples in online.sample_meta_gradients(
+            built.problem,
+            pt_data=runner.pt_data,
+            ft_train_data=runner._ft_stream(train, 1),
+            ft_val_data=runner._ft_stream(val, 2),
+            config=meta_config,
+            at_pt_steps=at_pt_steps,
+            num_samples=num_samples,
+            log=say,
+        ):
+            for name, i in index.items():
+                rows.append(
+                    {
+                        "seed": int(seed),
+                        "n": n,
+                        "pt_step": samples.pt_step,
+                        "parameter": name,
+                        **samples.summary(i),
+                    }
+                )
+    return rows
 
 
 def _auc_text(entry: dict) -> str:

@@ -65,7 +65,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -702,6 +702,40 @@ class _Loop:
         metrics["bad_batches"] = [k for k, v in out["batches_finite"].items() if not bool(v)]
         return metrics
 
+    def sample_meta_gradients(self, num_samples: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """`num_samples` meta-gradients at the current state, each from fresh batches.
+
+        Each sample is a meta-step without its meta-update; the persistent FT head,
+        its optimizer state, the backbone's non-trainable variables (batch-norm
+        statistics, which the meta-step's forward passes in training mode move) and
+        the meta-step counter are put back after it, so every sample sees the same
+        state and only the batches (and the problem's random draws) differ.
+        Returns per meta-parameter an array [num_samples, *shape], and the FT-val
+        losses [num_samples].
+        """
+        kept = (
+            list(self.head)
+            + tf.nest.flatten(self.head_state)
+            + [v for v in self.problem.backbone.variables if not v.trainable]
+            + [self.meta_step]
+        )
+        values = [v.read_value() for v in kept]
+        grads, val_losses = [], []
+        for i in range(num_samples):
+            out = self._meta_step_fn()
+            for var, value in zip(kept, values, strict=True):
+                var.assign(value)
+            if not bool(out["finite"]):
+                bad = [k for k, v in out["batches_finite"].items() if not bool(v)]
+                raise NonFiniteLossError(
+                    f"Meta-gradient sample {i + 1} at PT step {int(self.pt_step.numpy())} is "
+                    f"not finite (non-finite batches: {bad or 'none'})."
+                )
+            grads.append([np.asarray(g) for g in out["grads"]])
+            val_losses.append(float(out["ft_val_loss"]))
+        stacked = [np.stack(per_param) for per_param in zip(*grads, strict=True)]
+        return stacked, np.asarray(val_losses)
+
 
 # A damaged checkpoint fails to restore with DataLossError (bad checksum), OpError
 # ("not an sstable"), IndexError ("Read less bytes than requested": a truncated data
@@ -857,6 +891,98 @@ def run(
     os.makedirs(workdir, exist_ok=True)
     with distribute.checkpoint_dir(workdir, loop.strategy) as checkpoint_dir:
         return _drive(loop, config, workdir, checkpoint_dir, log, stop_after_meta_steps, start_time)
+
+
+@dataclasses.dataclass
+class MetaGradientSamples:
+    """Meta-gradients sampled at one state (`sample_meta_gradients`).
+
+    Attributes:
+      pt_step: the PT steps done before sampling.
+      grads: per meta-parameter, the samples [num_samples, *shape].
+      ft_val_loss: the FT-val loss of each sample [num_samples].
+    """
+
+    pt_step: int
+    grads: list[np.ndarray]
+    ft_val_loss: np.ndarray
+
+    def summary(self, index: int) -> dict[str, float]:
+        """Mean, standard deviation (ddof 1), standard error, signal-to-noise ratio
+        (mean / sd: the mean in units of one sample's noise) and the fraction of
+        positive samples, of the meta-gradient of scalar meta-parameter `index`."""
+        x = np.asarray(self.grads[index], np.float64).reshape(len(self.ft_val_loss), -1)
+        if x.shape[1] != 1:
+            raise ValueError(
+                f"Meta-parameter {index} has {x.shape[1]} entries; summary() takes a scalar one."
+            )
+        x = x[:, 0]
+        mean, sd = float(x.mean()), float(x.std(ddof=1))
+        return {
+            "mean": mean,
+            "sd": sd,
+            "se": sd / float(np.sqrt(x.size)),
+            "snr": mean / sd if sd > 0 else float("nan"),
+            "frac_positive": float(np.mean(x > 0)),
+        }
+
+
+def sample_meta_gradients(
+    problem: interfaces.MetaPretrainProblem,
+    *,
+    pt_data: tf.data.Dataset,
+    ft_train_data: tf.data.Dataset,
+    ft_val_data: tf.data.Dataset,
+    config: ml_collections.ConfigDict,
+    at_pt_steps: Sequence[int],
+    num_samples: int,
+    log: Callable[[str], None] | None = print,
+    strategy: tf.distribute.Strategy | None = None,
+) -> list[MetaGradientSamples]:
+    """How noisy is the meta-gradient? Samples it at states along plain PT.
+
+    Runs PT with phi fixed (each PT step with its FT-head step, as `run`'s warm-up)
+    and, on reaching each of `at_pt_steps`, computes `num_samples` meta-gradients
+    (`config`'s K, solver and HVP mode) at that state, each from fresh PT, FT-train
+    and FT-val batches, with no meta-update (`_Loop.sample_meta_gradients`). Their
+    spread against their mean tells whether a meta-step's direction is signal or
+    batch noise. Nothing is written to disk.
+
+    Raises:
+      ValueError: a bad config field, `num_samples` < 2, or `at_pt_steps` not
+        increasing non-negative integers.
+      NonFiniteLossError: a non-finite PT loss or meta-gradient sample.
+    """
+    validate_config(config)
+    steps = [int(t) for t in at_pt_steps]
+    if not steps or steps[0] < 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError(
+            "at_pt_steps must be increasing non-negative integers. "
+            f"Received: {list(at_pt_steps)!r}."
+        )
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
+        raise ValueError(f"num_samples must be an integer >= 2. Received: {num_samples!r}.")
+    say = log or (lambda _: None)
+    loop = _Loop(problem, pt_data, ft_train_data, ft_val_data, config, None, strategy)
+    out = []
+    for target in steps:
+        done = int(loop.pt_step.numpy())
+        if target > done:
+            losses, codes, _ = loop.pt_steps(target - done)
+            bad = np.flatnonzero(codes != _PT_OK)
+            if bad.size:
+                raise NonFiniteLossError(
+                    f"PT step {done + int(bad[0]) + 1} failed (loss {losses[bad[0]]}); "
+                    f"lower config.pt_learning_rate or check the PT data."
+                )
+        t0 = time.perf_counter()
+        grads, val_losses = loop.sample_meta_gradients(int(num_samples))
+        out.append(MetaGradientSamples(target, grads, val_losses))
+        say(
+            f"PT step {target}: {num_samples} meta-gradient samples "
+            f"({time.perf_counter() - t0:.0f} s), FT-val loss {val_losses.mean():.4f}"
+        )
+    return out
 
 
 def _drive(

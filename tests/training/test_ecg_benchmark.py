@@ -267,3 +267,32 @@ def test_magnitude_network_takes_its_own_meta_learning_rate():
     network = {n: s for n, s in by_name.items() if n not in scalars}
     assert len(scalars) == 3 and set(scalars.values()) == {1.0}
     assert network and set(network.values()) == {0.01}  # every CNN variable, none else
+
+
+def test_meta_gradient_noise_binary_samples_each_strength(tmp_path):
+    out = tmp_path / "noise.json"
+    proc = benchmark_binary.python(
+        "-m",
+        "trainers.ecg_meta_gradient_noise",
+        f"--config={CONFIG}:smoke",
+        "--n=10",
+        "--at_pt_steps=1,3",
+        "--num_samples=3",
+        f"--output={out}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert [(r["pt_step"], r["parameter"]) for r in rows] == [
+        (step, name) for step in (1, 3) for name in ("warp_scale", "noise_scale", "mask_strength")
+    ]
+    for r in rows:
+        assert r["seed"] == 0 and r["n"] == 10
+        assert np.isfinite([r["mean"], r["snr"]]).all() and r["sd"] > 0
+        assert r["se"] == pytest.approx(r["sd"] / np.sqrt(3))
+    assert "| 0 | 10 | 3 | mask_strength |" in proc.stdout
+
+    proc = benchmark_binary.python(
+        "-m", "trainers.ecg_meta_gradient_noise", f"--config={CONFIG}:smoke", "--n=7", timeout=300
+    )
+    assert proc.returncode == 1 and "n=7 is not one of config.num_labelled" in proc.stderr

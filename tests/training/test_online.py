@@ -440,3 +440,93 @@ def test_neumann_alpha_is_a_number_or_auto_in_configs_and_on_the_command_line(va
     meta.neumann_alpha = "big"
     with pytest.raises(ValueError, match=r"neumann_alpha must be a number > 0 or 'auto'"):
         online.validate_config(meta)
+
+
+def _constant_batch_data():
+    """One fixed batch each for PT, FT-train and FT-val (the FT sets are one batch
+    in a reshuffled order, whose mean loss is the same up to rounding)."""
+    images, labels, noisy, scale = _data()
+    pt = {"image": images[:16], "label": noisy[:16], "index": np.arange(16), "scale": scale[:16]}
+    return dict(
+        pt_data=_dataset(pt, 16, 0, shuffle=False),
+        ft_train_data=_dataset({"image": images[N_PT:][:16], "label": labels[N_PT:][:16]}, 16, 1),
+        ft_val_data=_dataset({"image": images[N_PT:][16:32], "label": labels[N_PT:][16:32]}, 16, 2),
+    )
+
+
+def test_meta_gradient_samples_on_fixed_batches_are_one_meta_gradient():
+    # Every sample starts from the same state: the persistent FT head (an Adam step at
+    # rate 0.05 per meta-step) is put back after each, so fixed batches give one value.
+    problem, _, _ = _problem()
+    (samples,) = online.sample_meta_gradients(
+        problem,
+        **_constant_batch_data(),
+        config=_config(),
+        at_pt_steps=[5],
+        num_samples=3,
+        log=None,
+    )
+    assert samples.pt_step == 5 and samples.grads[0].shape == (3, N_PT)
+    assert np.abs(samples.grads[0][0]).max() > 0
+    for k in (1, 2):
+        np.testing.assert_allclose(samples.grads[0][k], samples.grads[0][0], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(samples.ft_val_loss[k], samples.ft_val_loss[0], rtol=1e-6)
+
+    # Control: meta-steps without the restore move the head, and the meta-gradient.
+    problem, _, _ = _problem()
+    loop = online._Loop(problem, **_constant_batch_data(), c=_config())
+    loop.pt_steps(5)
+    first = loop._meta_step_fn()["grads"][0].numpy()
+    second = loop._meta_step_fn()["grads"][0].numpy()
+    np.testing.assert_allclose(first, samples.grads[0][0], rtol=1e-5, atol=1e-9)
+    assert np.abs(second - first).max() > 1e-3 * np.abs(first).max()
+
+
+def test_sampling_meta_gradients_leaves_the_state_as_it_was():
+    problem, _, data = _noisy_input_problem()
+    loop = online._Loop(problem, **data, c=_config())
+    loop.pt_steps(4)
+    bn = problem.backbone.layers[-1]
+    state = (
+        problem.pt_params
+        + problem.meta_params
+        + loop.head
+        + tf.nest.flatten(loop.head_state)
+        + [bn.moving_mean, bn.moving_variance, loop.meta_step, loop.pt_step]
+    )
+    before = [v.numpy().copy() for v in state]
+    grads, val_losses = loop.sample_meta_gradients(3)
+    for var, value in zip(state, before, strict=True):
+        np.testing.assert_array_equal(var.numpy(), value, err_msg=var.name)
+    assert grads[0].shape == (3, N_PT) and val_losses.shape == (3,)
+    # Fresh batches and noise draws per sample: the samples differ.
+    assert np.abs(grads[0][1] - grads[0][0]).max() > 0
+    # Control: a meta-step's forward passes in training mode move the batch-norm
+    # statistics, which sampling puts back.
+    loop._meta_step_fn()
+    assert not np.array_equal(bn.moving_mean.numpy(), before[-4])
+
+
+def test_meta_gradient_samples_summary_and_bad_arguments():
+    x = np.array([0.3, -0.1, 0.5, 0.2])
+    samples = online.MetaGradientSamples(
+        pt_step=7, grads=[x.reshape(4, 1, 1), np.zeros((4, 2))], ft_val_loss=np.ones(4)
+    )
+    got = samples.summary(0)
+    sd = np.sqrt(np.sum((x - 0.225) ** 2) / 3)
+    np.testing.assert_allclose(
+        [got["mean"], got["sd"], got["se"], got["snr"], got["frac_positive"]],
+        [0.225, sd, sd / 2, 0.225 / sd, 0.75],
+    )
+    with pytest.raises(ValueError, match="has 2 entries"):
+        samples.summary(1)
+
+    problem, _, data = _problem()
+    for kwargs, message in (
+        (dict(at_pt_steps=[4, 4], num_samples=2), "increasing"),
+        (dict(at_pt_steps=[-1], num_samples=2), "increasing"),
+        (dict(at_pt_steps=[], num_samples=2), "increasing"),
+        (dict(at_pt_steps=[2], num_samples=1), "num_samples"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            online.sample_meta_gradients(problem, **data, config=_config(), log=None, **kwargs)
