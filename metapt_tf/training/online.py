@@ -937,6 +937,7 @@ def sample_meta_gradients(
     at_pt_steps: Sequence[int],
     num_samples: int,
     log: Callable[[str], None] | None = print,
+    meta_pt_data: tf.data.Dataset | None = None,
     strategy: tf.distribute.Strategy | None = None,
 ) -> list[MetaGradientSamples]:
     """How noisy is the meta-gradient? Samples it at states along plain PT.
@@ -946,7 +947,7 @@ def sample_meta_gradients(
     (`config`'s K, solver and HVP mode) at that state, each from fresh PT, FT-train
     and FT-val batches, with no meta-update (`_Loop.sample_meta_gradients`). Their
     spread against their mean tells whether a meta-step's direction is signal or
-    batch noise. Nothing is written to disk.
+    batch noise. The arguments are `run`'s; nothing is written to disk.
 
     Raises:
       ValueError: a bad config field, `num_samples` < 2, or `at_pt_steps` not
@@ -963,7 +964,7 @@ def sample_meta_gradients(
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2. Received: {num_samples!r}.")
     say = log or (lambda _: None)
-    loop = _Loop(problem, pt_data, ft_train_data, ft_val_data, config, None, strategy)
+    loop = _Loop(problem, pt_data, ft_train_data, ft_val_data, config, meta_pt_data, strategy)
     out = []
     for target in steps:
         done = int(loop.pt_step.numpy())
