@@ -21,7 +21,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metapt_tf.training import ecg_benchmark, online
+from metapt_tf.training import ecg_benchmark, online, reporting
 from trainers.config_overrides import check_overrides
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ecg_simclr.py"
@@ -39,19 +39,7 @@ _COLUMNS = ("seed", "n", "pt_step", "parameter", "mean", "sd", "se", "snr", "fra
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    for row in rows:
-        cells = []
-        for column in _COLUMNS:
-            value = row[column]
-            if column in ("mean", "sd", "se"):
-                cells.append(f"{value:+.3e}" if column == "mean" else f"{value:.3e}")
-            elif column in ("snr", "frac_positive"):
-                cells.append(f"{value:+.2f}" if column == "snr" else f"{value:.2f}")
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return reporting.markdown_table(_COLUMNS, [[row[c] for c in _COLUMNS] for row in rows])
 
 
 def main(argv: list[str]) -> None:

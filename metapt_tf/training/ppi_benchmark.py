@@ -80,7 +80,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -694,6 +694,85 @@ def _weight_stats(w: np.ndarray, kinds: np.ndarray) -> dict:
             w[both], kinds[both] == "relevant"
         )
     return out
+
+
+def meta_gradient_ranking(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    setting: str,
+    at_pt_steps: Sequence[int],
+    num_samples: int,
+    seeds: Sequence[int] | None = None,
+    test_as_ft_val: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> list[dict]:
+    """Does the meta-gradient rank the task kinds, one sample at a time or on average?
+
+    For each seed, meta-PT's problem and loop settings in `setting` ("full",
+    "partial" or "held_out") up to its choice of phi: PT with every task weight at
+    1, and at each of `at_pt_steps` PT steps `num_samples` meta-gradients from fresh
+    batches (`online.sample_meta_gradients`). With `test_as_ft_val`, the FT-val
+    batches come from the test graphs instead of the setting's FT-val graphs, to
+    tell the FT-val sample's own error from the rest. One row per seed and state:
+    the AUROC of relevant vs harmful and of relevant vs irrelevant tasks, scoring
+    each task by the ascent direction of its weight (minus its meta-gradient), for
+    one sample (averaged over the samples) and for the mean over the samples; and
+    per kind the fraction of tasks whose mean is more than 2 standard errors above
+    0 ("up") or below it ("down"), and the median |mean| / sd. Needs the synthetic
+    data's task kinds; the dataset is generated into `workdir/data` if missing.
+    """
+    validate_config(config)
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}. Received: {setting!r}.")
+    say = log or (lambda _: None)
+    data = prepare_data(config, workdir, say)
+    if data.task_kinds is None:
+        raise ValueError(
+            f"{data.directory} has no {TASK_INFO_FILE}: ranking the task kinds needs the "
+            "synthetic benchmark's ground truth."
+        )
+    kinds = np.asarray(data.task_kinds)
+    relevant = kinds == "relevant"
+
+    def auroc(scores, other):
+        both = relevant | (kinds == other)
+        return reporting.auroc(scores[both], relevant[both])
+
+    rows = []
+    for seed in config.seeds if seeds is None else seeds:
+        runner = _Runner(config, data, workdir, int(seed), say)
+        chosen = make_setting(setting, data, config, int(seed))
+        tasks = chosen.meta_tasks
+        problem, _ = runner.build_problem(tasks)
+        meta_config = ml_collections.ConfigDict(config.meta.to_dict())
+        meta_config.seed = int(seed)
+        val = "test" if test_as_ft_val else "meta_val"
+        for samples in online.sample_meta_gradients(
+            problem,
+            pt_data=runner.pt_data(),
+            ft_train_data=runner.ft_data(chosen, "meta_train", tasks, train=True, repeat=True),
+            ft_val_data=runner.ft_data(chosen, val, tasks, train=True, repeat=True),
+            config=meta_config,
+            at_pt_steps=at_pt_steps,
+            num_samples=num_samples,
+            log=say,
+            meta_pt_data=runner.meta_pt_data(),
+        ):
+            ascent = -np.asarray(samples.grads[0], np.float64)  # [samples, tasks]
+            mean, sd = ascent.mean(0), ascent.std(0, ddof=1)
+            se = sd / np.sqrt(len(ascent))
+            row = {"seed": int(seed), "setting": setting, "pt_step": samples.pt_step}
+            for other in ("harmful", "irrelevant"):
+                row[f"auroc_{other}_one_sample"] = float(np.mean([auroc(a, other) for a in ascent]))
+                row[f"auroc_{other}_mean"] = auroc(mean, other)
+            for kind in synthetic_ppi.TASK_KINDS:
+                sel = kinds == kind
+                row[f"{kind}_up"] = float(np.mean(mean[sel] > 2 * se[sel]))
+                row[f"{kind}_down"] = float(np.mean(mean[sel] < -2 * se[sel]))
+                row[f"{kind}_snr"] = float(np.median(np.abs(mean[sel]) / sd[sel]))
+            rows.append(row)
+    return rows
 
 
 def _export(model: tf.keras.Model, schema: tfgnn.GraphSchema, export_base: str) -> str:

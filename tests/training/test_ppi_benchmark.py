@@ -230,3 +230,36 @@ def test_every_pt_run_reads_the_same_pt_batches(tmp_path):
     shared = runner.pt_data()
     orders = [np.asarray(next(iter(shared))["pt_labels"]) for _ in range(4)]
     assert any(not np.array_equal(orders[0], o) for o in orders[1:])
+
+
+def test_meta_gradient_ranking_binary_scores_the_task_kinds(tmp_path):
+    out = tmp_path / "ranking.json"
+    proc = benchmark_binary.python(
+        "-m",
+        "trainers.ppi_meta_gradient_noise",
+        f"--config={CONFIG}:smoke",
+        f"--workdir={tmp_path}",
+        "--setting=partial",
+        "--at_pt_steps=1,3",
+        "--num_samples=3",
+        "--test_as_ft_val",
+        f"--output={out}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert [(r["seed"], r["setting"], r["pt_step"]) for r in rows] == [
+        (0, "partial", 1),
+        (0, "partial", 3),
+    ]
+    for r in rows:
+        for kind in ("relevant", "irrelevant", "harmful"):
+            assert 0 <= r[f"{kind}_up"] + r[f"{kind}_down"] <= 1
+        for key in ("auroc_harmful_mean", "auroc_irrelevant_one_sample"):
+            assert 0 <= r[key] <= 1
+    assert "AUROC rel-harm, mean" in proc.stdout
+
+    proc = benchmark_binary.python(
+        "-m", "trainers.ppi_meta_gradient_noise", f"--config={CONFIG}:smoke", timeout=300
+    )
+    assert proc.returncode != 0 and "--workdir is required" in proc.stderr
