@@ -733,6 +733,11 @@ def meta_gradient_ranking(
             "synthetic benchmark's ground truth."
         )
     kinds = np.asarray(data.task_kinds)
+    counts = {kind: int(np.sum(kinds == kind)) for kind in synthetic_ppi.TASK_KINDS}
+    if min(counts.values()) == 0:
+        raise ValueError(
+            f"Ranking the task kinds needs PT tasks of every kind; {data.directory} has {counts}."
+        )
     relevant = kinds == "relevant"
 
     def auroc(scores, other):

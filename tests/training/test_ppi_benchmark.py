@@ -263,3 +263,12 @@ def test_meta_gradient_ranking_binary_scores_the_task_kinds(tmp_path):
         "-m", "trainers.ppi_meta_gradient_noise", f"--config={CONFIG}:smoke", timeout=300
     )
     assert proc.returncode != 0 and "--workdir is required" in proc.stderr
+
+
+def test_meta_gradient_ranking_needs_every_task_kind(tmp_path):
+    config = _config()
+    config.data.synthetic.task_mix = (0.5, 0.5, 0.0)
+    with pytest.raises(ValueError, match="needs PT tasks of every kind.*'harmful': 0"):
+        ppi_benchmark.meta_gradient_ranking(
+            config, str(tmp_path), setting="full", at_pt_steps=[1], num_samples=2, log=None
+        )
