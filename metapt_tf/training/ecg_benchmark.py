@@ -386,6 +386,15 @@ class _Runner:
             self.data.signals[idx], self.data.labels[idx], batch, seed=self.seed + offset
         )
 
+    def online_data(self, n: int) -> dict:
+        """`online.run`'s pt_data, ft_train_data and ft_val_data for N=n (meta-PT's split)."""
+        train, val = self.splits.labelled[n]
+        return {
+            "pt_data": self.pt_data,
+            "ft_train_data": self._ft_stream(train, 1),
+            "ft_val_data": self._ft_stream(val, 2),
+        }
+
     def pretrain(self, run_dir: str, n: int, meta: bool) -> tuple[tf.keras.Model, dict]:
         c = self.config
         with distribute.scope(self.strategy):
@@ -395,12 +404,9 @@ class _Runner:
         meta_config.meta_enabled = meta
         if not meta:
             meta_config.head_steps_during_pt = False  # the FT head is not used
-        train, val = self.splits.labelled[n]
         result = online.run(
             built.problem,
-            pt_data=self.pt_data,
-            ft_train_data=self._ft_stream(train, 1),
-            ft_val_data=self._ft_stream(val, 2),
+            **self.online_data(n),
             config=meta_config,
             workdir=run_dir,
             log=self.say,
@@ -613,9 +619,7 @@ def meta_gradient_noise(
         say(f"Seed {seed}, N={n}: {train.size} FT-train and {val.size} FT-val records.")
         for samples in online.sample_meta_gradients(
             built.problem,
-            pt_data=runner.pt_data,
-            ft_train_data=runner._ft_stream(train, 1),
-            ft_val_data=runner._ft_stream(val, 2),
+            **runner.online_data(n),
             config=meta_config,
             at_pt_steps=at_pt_steps,
             num_samples=num_samples,

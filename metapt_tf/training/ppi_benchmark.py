@@ -477,6 +477,17 @@ class _Runner:
         c = self.config
         return _pt_dataset(self.data, c, self.seed + 3, c.data.meta_pt_batch_size, self.shards)
 
+    def online_data(self, setting: _Setting, tasks, ft_val: str = "meta_val") -> dict:
+        """`online.run`'s data for meta-PT in `setting` on FT `tasks`: PT batches, the
+        meta-steps' PT batches, and FT-train / FT-val batches (FT-val from the `ft_val`
+        graphs, see `ft_data`)."""
+        return {
+            "pt_data": self.pt_data(),
+            "ft_train_data": self.ft_data(setting, "meta_train", tasks, train=True, repeat=True),
+            "ft_val_data": self.ft_data(setting, ft_val, tasks, train=True, repeat=True),
+            "meta_pt_data": self.meta_pt_data(),
+        }
+
     def backbone(self, dropout: float) -> tf.keras.Model:
         return _make_backbone(self.config, self.spec, dropout)
 
@@ -595,13 +606,10 @@ class _Runner:
         full = setting or make_setting("full", self.data, c, self.seed)
         result = online.run(
             problem,
-            pt_data=self.pt_data(),
-            ft_train_data=self.ft_data(full, "meta_train", tasks, train=True, repeat=True),
-            ft_val_data=self.ft_data(full, "meta_val", tasks, train=True, repeat=True),
+            **self.online_data(full, tasks),
             config=meta_config,
             workdir=run_dir,
             log=self.say,
-            meta_pt_data=self.meta_pt_data(),
             strategy=self.strategy,
         )
         extra = {"pt_steps": result.pt_steps, "meta_steps": result.meta_steps}
@@ -752,17 +760,13 @@ def meta_gradient_ranking(
         problem, _ = runner.build_problem(tasks)
         meta_config = ml_collections.ConfigDict(config.meta.to_dict())
         meta_config.seed = int(seed)
-        val = "test" if test_as_ft_val else "meta_val"
         for samples in online.sample_meta_gradients(
             problem,
-            pt_data=runner.pt_data(),
-            ft_train_data=runner.ft_data(chosen, "meta_train", tasks, train=True, repeat=True),
-            ft_val_data=runner.ft_data(chosen, val, tasks, train=True, repeat=True),
+            **runner.online_data(chosen, tasks, "test" if test_as_ft_val else "meta_val"),
             config=meta_config,
             at_pt_steps=at_pt_steps,
             num_samples=num_samples,
             log=say,
-            meta_pt_data=runner.meta_pt_data(),
         ):
             ascent = -np.asarray(samples.grads[0], np.float64)  # [samples, tasks]
             mean, sd = ascent.mean(0), ascent.std(0, ddof=1)
