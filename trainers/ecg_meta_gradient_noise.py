@@ -14,15 +14,13 @@ mean says the FT-val loss falls with a weaker augmentation. --output also
 writes the rows as JSON.
 """
 
-import json
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metapt_tf.training import ecg_benchmark, online, reporting
-from trainers.config_overrides import check_overrides
+from metapt_tf.training import ecg_benchmark, reporting
+from trainers import cli
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ecg_simclr.py"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,34 +45,18 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
-    if config.get("experiment") != "ecg_simclr":
-        raise app.UsageError(
-            f"--config must be an ECG benchmark config (experiment 'ecg_simclr'). "
-            f"Received: config.experiment={config.get('experiment')!r}."
-        )
-    try:
-        at = [int(t) for t in _AT.value]
-        seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
-    except ValueError as e:
-        raise app.UsageError(f"--at_pt_steps and --seeds take integers: {e}") from e
-    try:
+    cli.require_experiment(config, "ecg_simclr", "an ECG benchmark")
+    at = cli.int_list("at_pt_steps", _AT.value)
+    seeds = cli.int_list("seeds", _SEEDS.value)
+
+    def sample():
         ecg_benchmark.validate_config(config)
-        rows = ecg_benchmark.meta_gradient_noise(
+        return ecg_benchmark.meta_gradient_noise(
             config, n=_N.value, at_pt_steps=at, num_samples=_SAMPLES.value, seeds=seeds
         )
-    except (online.NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(table(rows))
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"Rows: {_OUTPUT.value}")
+
+    cli.print_rows(cli.call_library(sample), table, _OUTPUT.value)
 
 
 if __name__ == "__main__":
-    message = check_overrides(sys.argv[1:], _DEFAULT_CONFIG)
-    if message:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main)
+    cli.run(main, _DEFAULT_CONFIG)

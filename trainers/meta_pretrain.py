@@ -12,14 +12,12 @@ with exit status 1 and one `error: ...` line.
 """
 
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metapt_tf.data import mnist
-from metapt_tf.training import mnist_experiments, online
-from trainers.config_overrides import check_overrides
+from metapt_tf.training import mnist_experiments
+from trainers import cli
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "mnist_noisy_labels.py"
 
@@ -44,22 +42,8 @@ def main(argv: list[str]) -> None:
         mnist_experiments.validate_config(config)  # config.experiment included
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    try:
-        mnist_experiments.run(config, _WORKDIR.value)
-    except (
-        online.NonFiniteLossError,
-        online.CheckpointRestoreError,
-        mnist.DigitsUnavailableError,
-        FileNotFoundError,
-        ValueError,  # bad data (named by the data layer); config errors were caught above
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.call_library(lambda: mnist_experiments.run(config, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-    message = check_overrides(sys.argv[1:], _DEFAULT_CONFIG)
-    if message:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main)
+    cli.run(main, _DEFAULT_CONFIG)

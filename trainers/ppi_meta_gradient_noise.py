@@ -17,15 +17,13 @@ batches from the test graphs. The synthetic dataset is generated into
 --workdir/data if missing (the benchmark's own --workdir reuses its dataset).
 """
 
-import json
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metapt_tf.training import online, ppi_benchmark, reporting
-from trainers.config_overrides import check_overrides
+from metapt_tf.training import ppi_benchmark, reporting
+from trainers import cli
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ppi_multitask.py"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,19 +70,13 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (the dataset goes to workdir/data).")
     config = _CONFIG.value
-    if config.get("experiment") != "ppi_multitask":
-        raise app.UsageError(
-            f"--config must be a PPI benchmark config (experiment 'ppi_multitask'). "
-            f"Received: config.experiment={config.get('experiment')!r}."
-        )
-    try:
-        at = [int(t) for t in _AT.value]
-        seeds = [int(s) for s in _SEEDS.value]
-    except ValueError as e:
-        raise app.UsageError(f"--at_pt_steps and --seeds take integers: {e}") from e
-    try:
+    cli.require_experiment(config, "ppi_multitask", "a PPI benchmark")
+    at = cli.int_list("at_pt_steps", _AT.value)
+    seeds = cli.int_list("seeds", _SEEDS.value)
+
+    def sample():
         ppi_benchmark.validate_config(config)
-        rows = ppi_benchmark.meta_gradient_ranking(
+        return ppi_benchmark.meta_gradient_ranking(
             config,
             _WORKDIR.value,
             setting=_SETTING.value,
@@ -93,19 +85,9 @@ def main(argv: list[str]) -> None:
             seeds=seeds,
             test_as_ft_val=_TEST_VAL.value,
         )
-    except (online.NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(table(rows))
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"Rows: {_OUTPUT.value}")
+
+    cli.print_rows(cli.call_library(sample), table, _OUTPUT.value)
 
 
 if __name__ == "__main__":
-    message = check_overrides(sys.argv[1:], _DEFAULT_CONFIG)
-    if message:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main)
+    cli.run(main, _DEFAULT_CONFIG)

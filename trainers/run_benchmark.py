@@ -14,13 +14,12 @@ a directory with no usable checkpoint end the run with exit status 1 and one
 """
 
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metapt_tf.training import ecg_benchmark, online, ppi_benchmark
-from trainers.config_overrides import check_overrides
+from metapt_tf.training import ecg_benchmark, ppi_benchmark
+from trainers import cli
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ppi_multitask.py"
 _BENCHMARKS = {"ppi_multitask": ppi_benchmark, "ecg_simclr": ecg_benchmark}
@@ -50,22 +49,8 @@ def main(argv: list[str]) -> None:
         module.validate_config(config)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    try:
-        module.run(config, _WORKDIR.value)
-    except (
-        online.NonFiniteLossError,
-        online.CheckpointRestoreError,
-        FloatingPointError,
-        FileNotFoundError,
-        ValueError,  # bad data (named by the data layer); config errors were caught above
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.call_library(lambda: module.run(config, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-    message = check_overrides(sys.argv[1:], _DEFAULT_CONFIG)
-    if message:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main)
+    cli.run(main, _DEFAULT_CONFIG)
