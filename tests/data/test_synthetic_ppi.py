@@ -53,21 +53,41 @@ def test_graphs_are_valid_ego_graphs_of_the_layout(benchmark):
     assert info.latent.shape == (3000, len(synthetic_ppi.FACTORS))
 
 
+def _factor_indices(info):
+    ft_index = [synthetic_ppi.FACTORS.index(f) for f in info.ft_factor_names]
+    nuisance = [synthetic_ppi.FACTORS.index(f) for f in info.nuisance_factor_names]
+    return ft_index, nuisance
+
+
 def test_task_kinds_rates_and_truth(benchmark):
     all_graphs, info = benchmark
     kinds = np.asarray(info.pt_kinds)
     assert [int((kinds == k).sum()) for k in synthetic_ppi.TASK_KINDS] == [40, 60, 100]
     assert not (kinds[:40] == "relevant").all()  # kinds are interleaved, not in blocks
     np.testing.assert_array_equal(info.pt_relevance[kinds == "harmful"], -1.0)
-    ft_index = [synthetic_ppi.FACTORS.index(f) for f in info.ft_factor_names]
-    nuisance = [synthetic_ppi.FACTORS.index(f) for f in info.nuisance_factor_names]
-    relevant, irrelevant = (
-        info.pt_weights[kinds == "relevant"],
-        info.pt_weights[kinds == "irrelevant"],
+    np.testing.assert_array_equal(info.pt_relevance[kinds == "irrelevant"], 0.0)
+    ft_index, nuisance = _factor_indices(info)
+    # Relevant tasks are related terms of FT tasks: the same factors and signs, each
+    # weight rescaled by U(0.75, 1.25).
+    relevant = np.flatnonzero(kinds == "relevant")
+    source = info.pt_related_ft_tasks[relevant]
+    assert ((0 <= source) & (source < 12)).all() and len(set(source)) > 6
+    np.testing.assert_array_equal(info.pt_related_ft_tasks[kinds != "relevant"], -1)
+    ratio = np.divide(
+        info.pt_weights[relevant],
+        info.ft_weights[source],
+        out=np.zeros_like(info.pt_weights[relevant]),
+        where=info.ft_weights[source] != 0,
     )
-    assert (relevant[:, nuisance] == 0).all() and (relevant[:, ft_index] != 0).any(axis=1).all()
-    assert (irrelevant[:, ft_index] == 0).all() and (irrelevant != 0).any(axis=1).all()
-    assert (info.pt_weights[kinds == "harmful"] == 0).all()
+    np.testing.assert_array_equal(info.pt_weights[relevant] != 0, info.ft_weights[source] != 0)
+    used = ratio[ratio != 0]
+    assert used.min() >= 0.75 and used.max() <= 1.25 and used.std() > 0.1
+    # Harmful tasks read nuisance factors only; irrelevant tasks have random labels.
+    harmful = info.pt_weights[kinds == "harmful"]
+    assert (harmful[:, ft_index] == 0).all() and (harmful != 0).any(axis=1).all()
+    assert (info.pt_weights[kinds == "irrelevant"] == 0).all()
+    assert np.isnan(info.pt_thresholds[kinds == "irrelevant"]).all()
+    assert not np.isnan(info.pt_thresholds[kinds != "irrelevant"]).any()
     assert (info.ft_weights[:, nuisance] == 0).all()
     assert ((info.ft_weights != 0).sum(axis=1) >= 2).all()
     ft = np.stack([g.ft_labels for g in all_graphs])
@@ -78,6 +98,39 @@ def test_task_kinds_rates_and_truth(benchmark):
     np.testing.assert_allclose(
         pt.mean(axis=0), info.pt_positive_rates * 0.9 + 0.05, atol=0.05
     )  # thresholds hit their target rates
+    # A related term's labels follow its FT task's, most often more than any other FT
+    # task's (FT tasks over the same 4 factors resemble each other).
+    correlation = np.corrcoef(pt[:, relevant].T, ft.T)[: relevant.size, relevant.size :]
+    own = correlation[np.arange(relevant.size), source]
+    others = np.ones(correlation.shape, bool)
+    others[np.arange(relevant.size), source] = False
+    assert own.min() > 0.2 and own.mean() > np.abs(correlation[others]).mean() + 0.25
+    assert (correlation.argmax(axis=1) == source).mean() > 0.6
+
+
+def test_former_design_relevant_scores_of_their_own_and_random_harmful_labels():
+    _, info = synthetic_ppi.make_synthetic_ppi(
+        num_graphs=50,
+        task_mix=(0.2, 0.5, 0.3),
+        relevant_tasks="ft_factors",
+        harmful_tasks="random_labels",
+    )
+    kinds = np.asarray(info.pt_kinds)
+    assert [int((kinds == k).sum()) for k in synthetic_ppi.TASK_KINDS] == [40, 100, 60]
+    ft_index, nuisance = _factor_indices(info)
+    relevant, irrelevant = (
+        info.pt_weights[kinds == "relevant"],
+        info.pt_weights[kinds == "irrelevant"],
+    )
+    assert (relevant[:, nuisance] == 0).all() and (relevant[:, ft_index] != 0).any(axis=1).all()
+    # Not copies of FT tasks: some read a single factor (FT tasks read 2 or 3).
+    assert ((relevant != 0).sum(axis=1) == 1).any()
+    assert (irrelevant[:, ft_index] == 0).all() and (irrelevant != 0).any(axis=1).all()
+    assert (info.pt_weights[kinds == "harmful"] == 0).all()
+    assert np.isnan(info.pt_thresholds[kinds == "harmful"]).all()
+    np.testing.assert_array_equal(info.pt_related_ft_tasks, -1)
+    assert info.params["relevant_tasks"] == "ft_factors"
+    assert info.params["harmful_tasks"] == "random_labels"
 
 
 def test_generation_is_deterministic_in_the_seed():
@@ -134,10 +187,10 @@ def test_summary_statistics_estimate_the_factors(benchmark):
 
 
 @pytest.mark.parametrize("visible_to_message_passing", [False, True])
-def test_linear_model_on_summaries_learns_all_but_harmful_tasks(
+def test_linear_model_on_summaries_learns_all_but_random_label_tasks(
     benchmark, visible_to_message_passing
 ):
-    """The benchmark's sanity check: the factors are in the graphs; harmful labels are not."""
+    """The benchmark's sanity check: the factors are in the graphs; random labels are not."""
     all_graphs, info = benchmark
     stats = synthetic_ppi.summary_statistics(all_graphs)
     if visible_to_message_passing:
@@ -155,9 +208,10 @@ def test_linear_model_on_summaries_learns_all_but_harmful_tasks(
     assert ft_auc.mean() > 0.8 and ft_auc.min() > 0.75, ft_auc
     assert pt_auc[kinds == "relevant"].mean() > 0.8
     assert pt_auc[kinds == "relevant"].min() > 0.7
-    assert pt_auc[kinds == "irrelevant"].mean() > 0.8
-    harmful = pt_auc[kinds == "harmful"]
-    assert abs(harmful.mean() - 0.5) < 0.02 and np.abs(harmful - 0.5).max() < 0.1, harmful
+    assert pt_auc[kinds == "harmful"].mean() > 0.8
+    random_labels = pt_auc[kinds == "irrelevant"]
+    assert abs(random_labels.mean() - 0.5) < 0.03, random_labels
+    assert np.abs(random_labels - 0.5).max() < 0.1, random_labels
 
 
 def test_the_papers_task_shape_generates_in_bounded_memory():
@@ -188,6 +242,10 @@ def test_bad_arguments_are_named():
         synthetic_ppi.make_synthetic_ppi(num_graphs=5, ft_factors=("degree",))
     with pytest.raises(ValueError, match=r"label_noise must be in \[0, 0.5\)"):
         synthetic_ppi.make_synthetic_ppi(num_graphs=5, label_noise=0.5)
+    with pytest.raises(ValueError, match=r"relevant_tasks must be one of.*'related'"):
+        synthetic_ppi.make_synthetic_ppi(num_graphs=5, relevant_tasks="related")
+    with pytest.raises(ValueError, match=r"harmful_tasks must be one of.*'noise'"):
+        synthetic_ppi.make_synthetic_ppi(num_graphs=5, harmful_tasks="noise")
 
 
 def test_write_synthetic_benchmark(tmp_path):
@@ -224,7 +282,8 @@ def test_write_synthetic_benchmark(tmp_path):
         truth["relevance"], [synthetic_ppi.RELEVANCE[k] for k in stored["kinds"]]
     )
     for task, kind in zip(stored["pt_tasks"], stored["kinds"], strict=True):
-        assert task["kind"] == kind and (task["threshold"] is None) == (kind == "harmful")
+        assert task["kind"] == kind and (task["threshold"] is None) == (kind == "irrelevant")
+        assert ("related_ft_task" in task) == (kind == "relevant")
     batch = next(iter(graphs.load_dataset(str(directory / "pt.tfrecord"), schema, batch_size=8)))
     assert batch[graphs.PT_LABELS].shape == (8, 20)
     separate = synthetic_ppi.write_synthetic_benchmark(
