@@ -78,8 +78,8 @@ seed, so the output is a function of the arguments alone.
 
 `summary_statistics` computes per-graph statistics that estimate the factors
 (channel frequencies, centre degree, neighbour and mean degrees, centre
-clustering, periphery density); a linear model on them predicts the
-FT tasks and the PT tasks with scores well and the random-label ones at chance, also
+clustering, periphery density); a linear model on them predicts the FT
+tasks and the scored PT tasks well and the random-label ones at chance, also
 when restricted to the statistics message passing can compute
 (`MESSAGE_PASSING_SUMMARY_NAMES`), which is the benchmark's sanity check.
 
@@ -265,7 +265,8 @@ def make_synthetic_ppi(
       label_noise: probability of flipping each label, in [0, 0.5).
       positive_rate: range (low, high) of the tasks' positive rates, in (0, 1).
       pt_factors_per_task, ft_factors_per_task: range (low, high) of the number
-        of factors a task's score reads (capped by the factors available).
+        of factors a task's score reads (capped by the factors available; a
+        related term reads its FT task's factors).
       ft_factors: names of the FT factors, a non-empty proper subset of `FACTORS`.
       relevant_tasks: "ft_related" (each relevant PT task is a related term of
         a random FT task: its score with every weight rescaled by U(0.75, 1.25),
