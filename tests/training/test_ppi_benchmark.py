@@ -11,6 +11,7 @@ import benchmark_binary  # same directory (pytest puts it on sys.path)
 import numpy as np
 import pytest
 
+from metapt_tf.data import synthetic_ppi
 from metapt_tf.training import ppi_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,6 +206,16 @@ def test_every_config_variant_is_valid(variant):
             ppi_benchmark.validate_config(config)
     else:
         ppi_benchmark.validate_config(config)
+    # The task design: the wide variant keeps the former one it was measured on, and
+    # the generator accepts every variant's arguments.
+    s = config.data.synthetic
+    design = (
+        ("ft_factors", "random_labels") if variant == "wide" else ("ft_related", "nuisance_scores")
+    )
+    assert (s.relevant_tasks, s.harmful_tasks) == design
+    args = {k: v for k, v in s.to_dict().items() if not k.startswith("num_") or "tasks" in k}
+    _, info = synthetic_ppi.make_synthetic_ppi(num_graphs=3, **args)
+    assert info.params["relevant_tasks"] == design[0]
     if variant in ("paper", "bio"):  # the paper's split, FT and constant meta rate
         assert config.data.meta_val_fraction == 0.15
         assert config.finetune.mode == "full" and config.meta.meta_lr_decay == "none"
