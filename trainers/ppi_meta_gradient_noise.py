@@ -13,7 +13,8 @@ of relevant vs harmful and vs irrelevant tasks scored by one sample's ascent
 direction of the weights and by the mean over the samples, and per kind the
 fractions of tasks whose mean meta-gradient raises ("up") or lowers ("down")
 the weight by more than 2 standard errors. --test_as_ft_val takes the FT-val
-batches from the test graphs. The synthetic dataset is generated into
+batches from the test graphs (with one FT head: a cross-fitted second one would
+train on them). The synthetic dataset is generated into
 --workdir/data if missing (the benchmark's own --workdir reuses its dataset).
 """
 
@@ -35,7 +36,9 @@ _AT = flags.DEFINE_list("at_pt_steps", ["200", "1200"], "PT steps at which to sa
 _SAMPLES = flags.DEFINE_integer("num_samples", 256, "Meta-gradients sampled per state.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 _TEST_VAL = flags.DEFINE_bool(
-    "test_as_ft_val", False, "FT-val batches from the test graphs instead of the FT-val ones."
+    "test_as_ft_val",
+    False,
+    "FT-val batches from the test graphs instead of the FT-val ones (one FT head).",
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the rows to this JSON file.")
 

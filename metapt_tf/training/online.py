@@ -11,8 +11,11 @@ The FT head is a linear layer on the shared backbone. It is persistent (the
 unrolled head and its optimizer state are kept, as in the released code),
 re-initialised before every meta-step, or, when the FT task is the PT task
 (same classes, e.g. clean labels for noisy PT labels), the PT head itself:
-FT then starts from the PT model and v covers the PT head too. With `meta_enabled=False` the
-same schedule runs without meta-steps: the plain-PT baseline.
+FT then starts from the PT model and v covers the PT head too. A persistent or
+re-initialised head can be cross-fitted (`ft_cross_fit`): two heads, each trained
+on one of FT-train and FT-val and validated on the other, so that every labelled
+FT example is FT-val data. With `meta_enabled=False` the same schedule runs
+without meta-steps: the plain-PT baseline.
 
 Everything a resumed run needs is checkpointed with `tf.train.CheckpointManager`:
 theta, phi, the FT head and its optimizer state, the PT and meta optimizers, the
@@ -106,6 +109,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.ft_learning_rate = 1e-3
     c.head = "persistent"  # "reinit", or "pt_head" (FT starts from the PT head itself)
     c.head_steps_during_pt = True  # one plain FT-head step per PT step (persistent head)
+    # Cross-fitted FT heads: two heads, one trained on FT-train and validated on FT-val,
+    # the other the other way round; v is the gradient of their mean val loss. Every
+    # labelled FT example then serves as FT-val, and no head is validated on its own
+    # training data. One implicit solve for both (v is linear in the val losses); the
+    # FT unroll and the plain FT-head steps cost twice as much. "persistent" or "reinit".
+    c.ft_cross_fit = False
     c.solver = "neumann"
     c.neumann_terms = 1
     # A number > 0, or "auto" (power iteration for the top eigenvalue; typed `object` so
@@ -211,9 +220,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             c.devices,
             "\"\" unless config.meta.distribute is 'mirrored' (devices) or 'tpu' (its name)",
         )
-    for field in ("meta_enabled", "head_steps_during_pt", "jit_compile"):
+    for field in ("meta_enabled", "head_steps_during_pt", "ft_cross_fit", "jit_compile"):
         if not isinstance(c[field], bool):
             raise _fail(field, c[field], "a bool")
+    if c.ft_cross_fit and c.head == "pt_head":
+        raise _fail(
+            "ft_cross_fit",
+            c.ft_cross_fit,
+            "False with config.meta.head='pt_head' (the PT head is one head, trained by PT)",
+        )
 
 
 def make_solver(
@@ -395,9 +410,8 @@ class _Loop:
                 optimizer.build([self.meta_params[i] for i in indices])
                 self.meta_optimizers.append(optimizer)
             self.pt_optimizer.build(self.pt_params)
-            head = interfaces.init_head(
-                feature_dim, problem.num_ft_classes, self.generator, self.dtype
-            )
+            head = self._init_heads(feature_dim)
+            # [kernel, bias] per head, the heads one after the other (two if cross-fitted).
             self.head = [tf.Variable(h, name=f"ft_head_{i}") for i, h in enumerate(head)]
             state = self.ft_rule.init([h.read_value() for h in self.head])
             self.head_state = tf.nest.map_structure(
@@ -476,17 +490,63 @@ class _Loop:
             values = [x / scale for x in values]
         return values
 
-    # FT losses: the head on backbone features in inference mode. Under mixed
+    @property
+    def num_heads(self) -> int:
+        return 2 if self.c.ft_cross_fit else 1
+
+    def _init_heads(self, feature_dim: int) -> list[tf.Tensor]:
+        """Fresh FT heads from the loop's generator, [kernel, bias] each, one after the other."""
+        heads = []
+        for _ in range(self.num_heads):
+            heads += interfaces.init_head(
+                feature_dim, self.problem.num_ft_classes, self.generator, self.dtype
+            )
+        return heads
+
+    # FT losses: each head on backbone features in inference mode. Under mixed
     # precision the backbone computes in 16 bits and the head in the variables' dtype.
+    # Cross-fitted, an FT batch is a pair, one batch per head (_ft_batches).
+    def _head_losses(self, head, batch, detach: bool = False) -> list[tf.Tensor]:
+        batches = batch if self.c.ft_cross_fit else (batch,)
+        losses = []
+        for k, one in enumerate(batches):
+            features = self.problem.backbone(one[self.problem.ft_input_key], training=False)
+            features = tf.cast(features, head[0].dtype)
+            if detach:
+                features = tf.stop_gradient(features)
+            logits = interfaces.head_logits(features, head[2 * k : 2 * k + 2])
+            losses.append(
+                interfaces.head_loss(
+                    logits, one[self.problem.ft_label_key], self.problem.ft_multilabel
+                )
+            )
+        return losses
+
     def _ft_loss(self, head, batch):
-        features = self.problem.backbone(batch[self.problem.ft_input_key], training=False)
-        logits = interfaces.head_logits(tf.cast(features, head[0].dtype), head)
-        return interfaces.head_loss(
-            logits, batch[self.problem.ft_label_key], self.problem.ft_multilabel
-        )
+        """The FT val loss: the heads' mean."""
+        return tf.add_n(self._head_losses(head, batch)) / self.num_heads
 
     def _ft_train_loss(self, head, batches, step):
-        return self._ft_loss(head, batches[step])
+        # The heads' sum: each head's gradient is that of its own loss, as if alone.
+        return tf.add_n(self._head_losses(head, batches[step]))
+
+    def _ft_batches(self) -> tuple[list, object]:
+        """K FT-train batches and an FT-val batch for the meta-step.
+
+        Cross-fitted, each is a pair (first head, second head): the first head trains
+        on FT-train and is validated on FT-val, the second the other way round.
+        """
+        k = self.c.ft_unroll_steps
+        if not self.c.ft_cross_fit:
+            return [next(self.ft_train_iter) for _ in range(k)], next(self.ft_val_iter)
+        train = [(next(self.ft_train_iter), next(self.ft_val_iter)) for _ in range(k)]
+        return train, (next(self.ft_val_iter), next(self.ft_train_iter))
+
+    def _head_step_batch(self):
+        """The FT batch of a plain FT-head step during PT (a pair when cross-fitted)."""
+        if not self.c.ft_cross_fit:
+            return next(self.ft_train_iter)
+        return next(self.ft_train_iter), next(self.ft_val_iter)
 
     def _pt_batch(self, iterator):
         batch = next(iterator)
@@ -515,13 +575,7 @@ class _Loop:
         """One ordinary (non-differentiated) FT-head step on detached features."""
         with tf.GradientTape() as tape:
             tape.watch(head)
-            features = self.problem.backbone(batch[self.problem.ft_input_key], training=False)
-            features = tf.stop_gradient(tf.cast(features, head[0].dtype))
-            loss = interfaces.head_loss(
-                interfaces.head_logits(features, head),
-                batch[self.problem.ft_label_key],
-                self.problem.ft_multilabel,
-            )
+            loss = tf.add_n(self._head_losses(head, batch, detach=True))
         return self.ft_rule.apply(head, tape.gradient(loss, head), state)
 
     def _replica_meta_step(self, pt_batch, ft_batches, val_batch, head, state):
@@ -534,7 +588,8 @@ class _Loop:
         out = {
             "grads": result.meta_grads,
             "ft_val_loss": result.ft_val_loss,
-            "ft_train_loss": result.ft_train_losses[0],
+            # Cross-fitted, the heads' mean (the unroll's train loss is their sum).
+            "ft_train_loss": result.ft_train_losses[0] / self.num_heads,
             "solver_residual": result.solver_residual,
             "solver_diverged": result.solver_diverged,
         }
@@ -568,7 +623,7 @@ class _Loop:
                 ),
             )
             if head_steps:
-                ft_batch = next(self.ft_train_iter)
+                ft_batch = self._head_step_batch()
                 head = [h.read_value() for h in self.head]
                 state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
                 new_head, new_state = self.replicas.first(
@@ -602,17 +657,13 @@ class _Loop:
     def _meta_step(self):
         head = state = None  # "pt_head": the replicas read the PT head variables
         if self.c.head == "reinit":
-            feature_dim = int(self.problem.backbone.output_shape[-1])
-            head = interfaces.init_head(
-                feature_dim, self.problem.num_ft_classes, self.generator, self.dtype
-            )
+            head = self._init_heads(int(self.problem.backbone.output_shape[-1]))
             state = self.ft_rule.init(head)
         elif self.c.head == "persistent":
             head = [h.read_value() for h in self.head]
             state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
         pt_batch = self._pt_batch(self.meta_pt_iter)
-        ft_batches = [next(self.ft_train_iter) for _ in range(self.c.ft_unroll_steps)]
-        val_batch = next(self.ft_val_iter)
+        ft_batches, val_batch = self._ft_batches()
         # Every output is the same on every replica (replicated FT, all-reduced solve).
         result = self.replicas.first(
             self.strategy.run(

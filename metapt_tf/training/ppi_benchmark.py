@@ -722,7 +722,8 @@ def meta_gradient_ranking(
     1, and at each of `at_pt_steps` PT steps `num_samples` meta-gradients from fresh
     batches (`online.sample_meta_gradients`). With `test_as_ft_val`, the FT-val
     batches come from the test graphs instead of the setting's FT-val graphs, to
-    tell the FT-val sample's own error from the rest. One row per seed and state:
+    tell the FT-val sample's own error from the rest (with one FT head, trained on
+    the FT-train graphs, even if `config.meta.ft_cross_fit`). One row per seed and state:
     the AUROC of relevant vs harmful and of relevant vs irrelevant tasks, scoring
     each task by the ascent direction of its weight (minus its meta-gradient), for
     one sample (averaged over the samples) and for the mean over the samples; and
@@ -760,6 +761,8 @@ def meta_gradient_ranking(
         problem, _ = runner.build_problem(tasks)
         meta_config = ml_collections.ConfigDict(config.meta.to_dict())
         meta_config.seed = int(seed)
+        if test_as_ft_val:
+            meta_config.ft_cross_fit = False  # a second head would train on the test graphs
         for samples in online.sample_meta_gradients(
             problem,
             **runner.online_data(chosen, tasks, "test" if test_as_ft_val else "meta_val"),

@@ -393,6 +393,26 @@ def gin_checks_mirrored() -> dict:
                 shards=2,
                 devices=DEVICES,
             ),
+            # Cross-fitted FT heads: pairs of FT batches, replicated like single ones.
+            "default_cross_fit": _timed(
+                "gin default cross-fit",
+                gin_checks.one_meta_gradient,
+                directory,
+                schema,
+                _strategy("default"),
+                shards=0,
+                ft_cross_fit=True,
+            ),
+            "mirrored_cross_fit": _timed(
+                "gin mirrored cross-fit",
+                gin_checks.one_meta_gradient,
+                directory,
+                schema,
+                _strategy("mirrored"),
+                shards=2,
+                devices=DEVICES,
+                ft_cross_fit=True,
+            ),
             # The TPU-style program on one device: padded batches, XLA-compiled meta-step.
             "xla": _timed(
                 "gin padded xla",

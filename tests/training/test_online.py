@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from metapt_tf import hypergrad
 from metapt_tf.meta_params import ExampleWeights
 from metapt_tf.models import TwiceDifferentiableBatchNorm, digit_backbone
 from metapt_tf.training import interfaces, online
@@ -178,6 +179,8 @@ def test_bad_config_fields_are_named():
     c = _config(pt_steps_per_meta_step=0)
     with pytest.raises(ValueError, match="config.meta.pt_steps_per_meta_step must be an int >= 1"):
         online.validate_config(c)
+    with pytest.raises(ValueError, match=r"config.meta.ft_cross_fit must be False with .*pt_head"):
+        online.validate_config(_config(head="pt_head", ft_cross_fit=True))
     c = ml_collections.ConfigDict(dict(_config()))
     c.bogus = 1
     with pytest.raises(ValueError, match="Unknown field.*config.meta.bogus.*Valid fields: "):
@@ -269,6 +272,96 @@ def test_reinitialised_head_runs_and_learns(tmp_path):
     assert result.meta_steps == 30 and result.skipped_meta_steps == 0
     assert np.all(np.isfinite(result.history["ft_val_loss"][-1]))
     assert not np.allclose(weights.phi.numpy(), 0.0)
+
+
+def test_cross_fitted_heads_learn_with_either_head_mode(tmp_path):
+    for head in ("persistent", "reinit"):
+        problem, weights, data = _problem()
+        result = online.run(
+            problem,
+            **data,
+            config=_config(head=head, ft_cross_fit=True),
+            workdir=str(tmp_path / head),
+            log=None,
+        )
+        assert result.meta_steps == 30 and result.skipped_meta_steps == 0
+        w = weights.all_weights().numpy()
+        assert w[:30].mean() < w[30:].mean(), head  # the wrongly labelled examples lose weight
+
+
+def _ce(backbone, head, batch):
+    logits = backbone(batch["image"], training=False) @ head[0] + head[1]
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(batch["label"], logits))
+
+
+def test_cross_fitted_heads_are_two_single_heads_with_train_and_val_swapped():
+    # Oracle: each head alone, by the library's meta_gradient and Adam rule: the first
+    # trained on FT-train and validated on FT-val, the second the other way round.
+    problem, _, _ = _problem()
+    data = _constant_batch_data()
+    loop = online._Loop(problem, **data, c=_config(ft_cross_fit=True))
+    assert len(loop.head) == 4
+    images, labels, noisy, scale = _data()
+    pt = {"image": images[:16], "label": noisy[:16], "index": np.arange(16), "scale": scale[:16]}
+    ft = {"image": images[N_PT:][:16], "label": labels[N_PT:][:16]}
+    val = {"image": images[N_PT:][16:32], "label": labels[N_PT:][16:32]}
+    rule = hypergrad.Adam(0.05)
+
+    def split(head, state):
+        return [
+            (
+                head[2 * k : 2 * k + 2],
+                state._replace(m=state.m[2 * k : 2 * k + 2], v=state.v[2 * k : 2 * k + 2]),
+            )
+            for k in (0, 1)
+        ]
+
+    def snapshot():
+        head = [h.numpy() for h in loop.head]
+        state = tf.nest.map_structure(lambda v: v.numpy(), loop.head_state)
+        return split(head, state)
+
+    # A plain FT-head step during PT: each head steps on its own FT-train set.
+    loop.pt_steps(4)
+    before = snapshot()
+    loop.pt_steps(1)  # the PT step, then the head step on the updated backbone
+    for (head, state), batch, got in zip(before, (ft, val), snapshot(), strict=True):
+        head = [tf.constant(h) for h in head]
+        with tf.GradientTape() as tape:
+            tape.watch(head)
+            loss = _ce(problem.backbone, head, batch)
+        want, _ = rule.apply(head, tape.gradient(loss, head), state)
+        for w, g in zip(want, got[0], strict=True):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-7)
+
+    # The meta-step: the mean of the two heads' meta-gradients, one implicit solve.
+    before = snapshot()
+    out = loop._meta_step_fn()
+    singles = [
+        hypergrad.meta_gradient(
+            pt_loss_fn=lambda: problem.pt_loss_fn(pt),
+            pt_params=problem.pt_params,
+            meta_params=problem.meta_params,
+            ft_train_loss_fn=lambda p, step, train=train: _ce(problem.backbone, p, train),
+            ft_val_loss_fn=lambda p, held=held: _ce(problem.backbone, p, held),
+            ft_params=[tf.constant(h) for h in head],
+            ft_update_rule=rule,
+            num_ft_steps=1,
+            solver=hypergrad.Neumann(num_terms=1, alpha=0.1),
+            ft_state=state,
+        )
+        for (head, state), train, held in zip(before, (ft, val), (val, ft), strict=True)
+    ]
+    g_a, g_b = (r.meta_grads[0].numpy() for r in singles)
+    assert np.abs(g_a - g_b).max() > 0.1 * np.abs(g_a).max()  # the heads do differ
+    np.testing.assert_allclose(out["grads"][0].numpy(), (g_a + g_b) / 2, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        float(out["ft_val_loss"]), np.mean([float(r.ft_val_loss) for r in singles]), rtol=1e-5
+    )
+    # The persistent heads keep their unrolled values.
+    for (head, _), single in zip(snapshot(), singles, strict=True):
+        for h, w in zip(head, single.ft_params, strict=True):
+            np.testing.assert_allclose(h, w.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def _noisy_input_problem(seed=0):

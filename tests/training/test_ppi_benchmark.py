@@ -277,6 +277,30 @@ def test_meta_gradient_ranking_binary_scores_the_task_kinds(tmp_path):
     assert proc.returncode != 0 and "--workdir is required" in proc.stderr
 
 
+def test_meta_gradient_ranking_with_test_graphs_as_ft_val_uses_one_head(tmp_path, monkeypatch):
+    # Cross-fitted, a second FT head would train on the FT-val batches: the test graphs.
+    config = _config()
+    assert config.meta.ft_cross_fit
+    seen = []
+
+    def sample(problem, *, ft_train_data, ft_val_data, config, **kwargs):
+        seen.append(config.ft_cross_fit)
+        return []
+
+    monkeypatch.setattr(ppi_benchmark.online, "sample_meta_gradients", sample)
+    for test_as_ft_val in (False, True):
+        ppi_benchmark.meta_gradient_ranking(
+            config,
+            str(tmp_path),
+            setting="full",
+            at_pt_steps=[1],
+            num_samples=2,
+            test_as_ft_val=test_as_ft_val,
+            log=None,
+        )
+    assert seen == [True, False]
+
+
 def test_meta_gradient_ranking_needs_every_task_kind(tmp_path):
     config = _config()
     config.data.synthetic.task_mix = (0.5, 0.5, 0.0)

@@ -4,8 +4,9 @@ MirroredStrategy over 2 logical CPUs runs in a subprocess (`distribute_checks.py
 gin`: logical devices must be set before TensorFlow initialises). There, in
 float64: two PT steps and one meta-gradient on padded graph batches cut into one
 block per replica, against the single-device loop on the same unpadded global
-batches (the oracle); the same on one device with padded batches and the
-meta-step compiled with XLA (`jit_compile=True`, what a TPU program needs);
+batches (the oracle), with one FT head and with cross-fitted heads; the same on
+one device with padded batches and the meta-step compiled with XLA
+(`jit_compile=True`, what a TPU program needs);
 multi-label fine-tuning and evaluation, and CoTrain steps with and without
 PCGrad, on FT batches that do not split evenly over the replicas (uneven and
 empty padded blocks), against one device on the unpadded batches; and the
@@ -49,6 +50,17 @@ def test_gin_meta_gradient_under_mirrored_equals_single_device(gin):
     # Each replica's loss is its block's real-graph loss over the global count, and
     # the batch norms see the global batch's real nodes: float64 summation order only.
     assert _rel(dist["pt_losses"], single["pt_losses"]) < 1e-12
+    assert _rel(dist["theta"], single["theta"]) < 1e-10
+    assert _rel(dist["meta_grads"], single["meta_grads"]) < 1e-6
+    assert abs(dist["ft_val_loss"] - single["ft_val_loss"]) < 1e-10
+
+
+def test_gin_cross_fitted_meta_gradient_under_mirrored_equals_single_device(gin):
+    single = gin["meta_gradient"]["default_cross_fit"]
+    dist = gin["meta_gradient"]["mirrored_cross_fit"]
+    one_head = gin["meta_gradient"]["default"]
+    assert single["theta"] == one_head["theta"]  # the same PT; the heads differ
+    assert _rel(single["meta_grads"], one_head["meta_grads"]) > 1e-3
     assert _rel(dist["theta"], single["theta"]) < 1e-10
     assert _rel(dist["meta_grads"], single["meta_grads"]) < 1e-6
     assert abs(dist["ft_val_loss"] - single["ft_val_loss"]) < 1e-10
