@@ -126,24 +126,27 @@ def test_baseline_runs_the_same_pt_schedule_without_meta_steps(tmp_path):
     np.testing.assert_array_equal(weights.phi.numpy(), 0.0)
 
 
-def test_resumed_run_ends_with_the_same_phi(tmp_path):
+@pytest.mark.parametrize("cross_fit", [False, True])
+def test_resumed_run_ends_with_the_same_phi(tmp_path, cross_fit):
+    # Cross-fitted, both heads and their optimizer state must come back.
     tf.config.experimental.enable_op_determinism()
+    config = _config(ft_cross_fit=cross_fit)
     problem, weights, data = _problem()
-    online.run(problem, **data, config=_config(), workdir=str(tmp_path / "a"), log=None)
+    online.run(problem, **data, config=config, workdir=str(tmp_path / "a"), log=None)
     uninterrupted = weights.phi.numpy().copy()
 
     problem, weights, data = _problem()
     partial = online.run(
         problem,
         **data,
-        config=_config(),
+        config=config,
         workdir=str(tmp_path / "b"),
         log=None,
         stop_after_meta_steps=12,
     )
     assert partial.meta_steps == 12
     problem, weights, data = _problem()  # a fresh process would rebuild everything
-    resumed = online.run(problem, **data, config=_config(), workdir=str(tmp_path / "b"), log=None)
+    resumed = online.run(problem, **data, config=config, workdir=str(tmp_path / "b"), log=None)
     assert resumed.resumed_from == 12
     np.testing.assert_allclose(weights.phi.numpy(), uninterrupted, atol=1e-6)
     assert resumed.history["meta_step"][0] == 0  # history from before the stop is kept
