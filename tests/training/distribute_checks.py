@@ -375,54 +375,27 @@ def gin_checks_mirrored() -> dict:
     previous = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy("float64")
     try:
-        out["meta_gradient"] = {
-            "default": _timed(
-                "gin default",
-                gin_checks.one_meta_gradient,
-                directory,
-                schema,
-                _strategy("default"),
-                shards=0,
-            ),
-            "mirrored": _timed(
-                "gin mirrored",
-                gin_checks.one_meta_gradient,
-                directory,
-                schema,
-                _strategy("mirrored"),
-                shards=2,
-                devices=DEVICES,
-            ),
+        # name: (strategy, padded blocks, loop config overrides)
+        meta_runs = {
+            "default": ("default", 0, {}),
+            "mirrored": ("mirrored", 2, {"devices": DEVICES}),
             # Cross-fitted FT heads: pairs of FT batches, replicated like single ones.
-            "default_cross_fit": _timed(
-                "gin default cross-fit",
-                gin_checks.one_meta_gradient,
-                directory,
-                schema,
-                _strategy("default"),
-                shards=0,
-                ft_cross_fit=True,
-            ),
-            "mirrored_cross_fit": _timed(
-                "gin mirrored cross-fit",
-                gin_checks.one_meta_gradient,
-                directory,
-                schema,
-                _strategy("mirrored"),
-                shards=2,
-                devices=DEVICES,
-                ft_cross_fit=True,
-            ),
+            "default_cross_fit": ("default", 0, {"ft_cross_fit": True}),
+            "mirrored_cross_fit": ("mirrored", 2, {"devices": DEVICES, "ft_cross_fit": True}),
             # The TPU-style program on one device: padded batches, XLA-compiled meta-step.
-            "xla": _timed(
-                "gin padded xla",
+            "xla": ("default", 1, {"jit_compile": True}),
+        }
+        out["meta_gradient"] = {
+            key: _timed(
+                f"gin {key}",
                 gin_checks.one_meta_gradient,
                 directory,
                 schema,
-                _strategy("default"),
-                shards=1,
-                jit_compile=True,
-            ),
+                _strategy(kind),
+                shards=shards,
+                **overrides,
+            )
+            for key, (kind, shards, overrides) in meta_runs.items()
         }
         ft_directory = tempfile.mkdtemp()
         ft_schema = gin_checks.write_data(ft_directory, num_test_graphs=gin_checks.NUM_TEST)
