@@ -8,8 +8,8 @@ Run from the repository root (the synthetic default, 2 CPU cores):
 Variants (after the colon):
   smoke  a tiny run of every method and setting (CI, about a minute);
   wide   the former task design (README) with 70% random-label tasks, a 64-unit
-         GIN, full FT, Adam on phi at rate 1 decaying to 0 over the first 50
-         meta-steps;
+         GIN, full FT, one FT head in meta-PT, Adam on phi at rate 1 decaying to
+         0 over the first 50 meta-steps;
   paper  the paper's shapes on the synthetic generator: 5000 PT tasks, 40 FT
          tasks, a 5-layer 300-unit GIN (a GPU run);
   bio    the pretrain-gnns "bio" dataset converted by trainers/convert_bio.py:
@@ -147,6 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.meta.meta_optimizer, config.meta.meta_learning_rate = "adam", 1.0
         config.meta.meta_lr_decay_steps = 50  # the default's linear decay, over 50 steps
         config.meta.warmup_steps, config.meta.num_meta_steps = 200, 400  # as measured
+        config.meta.ft_cross_fit = False  # as measured: one FT head
     elif arg == "paper":
         s = config.data.synthetic
         s.num_pt_graphs, s.num_ft_graphs, s.num_test_graphs = 50000, 5000, 5000

@@ -723,8 +723,8 @@ def meta_gradient_ranking(
     batches (`online.sample_meta_gradients`). With `test_as_ft_val`, the FT-val
     batches come from the test graphs instead of the setting's FT-val graphs, to
     tell the FT-val sample's own error from the rest (with one FT head, trained on
-    the FT-train graphs, even if `config.meta.ft_cross_fit`). One row per seed and state:
-    the AUROC of relevant vs harmful and of relevant vs irrelevant tasks, scoring
+    the FT-train graphs, even if `config.meta.ft_cross_fit`). One row per seed and
+    state: the AUROC of relevant vs harmful and of relevant vs irrelevant tasks, scoring
     each task by the ascent direction of its weight (minus its meta-gradient), for
     one sample (averaged over the samples) and for the mean over the samples; and
     per kind the fraction of tasks whose mean is more than 2 standard errors above

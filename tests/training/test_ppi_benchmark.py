@@ -217,6 +217,9 @@ def test_every_config_variant_is_valid(variant):
     args = {k: v for k, v in s.to_dict().items() if k not in splits}
     _, info = synthetic_ppi.make_synthetic_ppi(num_graphs=3, **args)
     assert info.params["relevant_tasks"] == design[0]
+    # Cross-fitted FT heads in the default and smoke runs; one head where the paper
+    # has one and where the wide variant was measured with one.
+    assert config.meta.ft_cross_fit == (variant in ("", "smoke"))
     if variant in ("paper", "bio"):  # the paper's split, FT and constant meta rate
         assert config.data.meta_val_fraction == 0.15
         assert config.finetune.mode == "full" and config.meta.meta_lr_decay == "none"
@@ -283,7 +286,7 @@ def test_meta_gradient_ranking_with_test_graphs_as_ft_val_uses_one_head(tmp_path
     assert config.meta.ft_cross_fit
     seen = []
 
-    def sample(problem, *, ft_train_data, ft_val_data, config, **kwargs):
+    def sample(problem, *, config, **kwargs):
         seen.append(config.ft_cross_fit)
         return []
 
