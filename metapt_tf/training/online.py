@@ -530,23 +530,23 @@ class _Loop:
         # The heads' sum: each head's gradient is that of its own loss, as if alone.
         return tf.add_n(self._head_losses(head, batches[step]))
 
-    def _ft_batches(self) -> tuple[list, object]:
-        """K FT-train batches and an FT-val batch for the meta-step.
+    def _ft_train_batch(self):
+        """The FT batch of one head step, plain or unrolled.
 
-        Cross-fitted, each is a pair (first head, second head): the first head trains
-        on FT-train and is validated on FT-val, the second the other way round.
+        Cross-fitted, each FT batch is a pair (first head, second head): the first
+        head trains on FT-train and is validated on FT-val, the second the other way
+        round.
         """
-        k = self.c.ft_unroll_steps
-        if not self.c.ft_cross_fit:
-            return [next(self.ft_train_iter) for _ in range(k)], next(self.ft_val_iter)
-        train = [(next(self.ft_train_iter), next(self.ft_val_iter)) for _ in range(k)]
-        return train, (next(self.ft_val_iter), next(self.ft_train_iter))
-
-    def _head_step_batch(self):
-        """The FT batch of a plain FT-head step during PT (a pair when cross-fitted)."""
         if not self.c.ft_cross_fit:
             return next(self.ft_train_iter)
         return next(self.ft_train_iter), next(self.ft_val_iter)
+
+    def _ft_batches(self) -> tuple[list, object]:
+        """K FT-train batches and an FT-val batch for the meta-step."""
+        train = [self._ft_train_batch() for _ in range(self.c.ft_unroll_steps)]
+        if not self.c.ft_cross_fit:
+            return train, next(self.ft_val_iter)
+        return train, (next(self.ft_val_iter), next(self.ft_train_iter))
 
     def _pt_batch(self, iterator):
         batch = next(iterator)
@@ -623,7 +623,7 @@ class _Loop:
                 ),
             )
             if head_steps:
-                ft_batch = self._head_step_batch()
+                ft_batch = self._ft_train_batch()
                 head = [h.read_value() for h in self.head]
                 state = tf.nest.map_structure(lambda v: v.read_value(), self.head_state)
                 new_head, new_state = self.replicas.first(
