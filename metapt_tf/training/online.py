@@ -13,9 +13,11 @@ re-initialised before every meta-step, or, when the FT task is the PT task
 (same classes, e.g. clean labels for noisy PT labels), the PT head itself:
 FT then starts from the PT model and v covers the PT head too. A persistent or
 re-initialised head can be cross-fitted (`ft_cross_fit`): two heads, each trained
-on one of FT-train and FT-val and validated on the other, so that every labelled
-FT example is FT-val data. With `meta_enabled=False` the same schedule runs
-without meta-steps: the plain-PT baseline.
+on one of FT-train and FT-val and validated on the other, or, given k folds (FT
+data as sequences of k datasets), k heads, head i trained on the other folds and
+validated on fold i; either way every labelled FT example is FT-val data. With
+`meta_enabled=False` the same schedule runs without meta-steps: the plain-PT
+baseline.
 
 Everything a resumed run needs is checkpointed with `tf.train.CheckpointManager`:
 theta, phi, the FT head and its optimizer state, the PT and meta optimizers, the
@@ -110,10 +112,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.head = "persistent"  # "reinit", or "pt_head" (FT starts from the PT head itself)
     c.head_steps_during_pt = True  # one plain FT-head step per PT step (persistent head)
     # Cross-fitted FT heads: two heads, one trained on FT-train and validated on FT-val,
-    # the other the other way round; v is the gradient of their mean val loss. Every
-    # labelled FT example then serves as FT-val, and no head is validated on its own
-    # training data. One implicit solve for both (v is linear in the val losses); the
-    # FT unroll and the plain FT-head steps cost twice as much. "persistent" or "reinit".
+    # the other the other way round, or with FT data given as k folds (`run`), k heads;
+    # v is the gradient of their mean val loss. Every labelled FT example then serves
+    # as FT-val, and no head is validated on its own training data. One implicit solve
+    # for all (v is linear in the val losses); the FT unroll and the plain FT-head
+    # steps cost once per head. "persistent" or "reinit" heads.
     c.ft_cross_fit = False
     c.solver = "neumann"
     c.neumann_terms = 1
@@ -149,6 +152,33 @@ def _fail(field: str, value, expected: str) -> ValueError:
     return ValueError(
         f"config.meta.{field} must be {expected}. Received: config.meta.{field}={value!r}."
     )
+
+
+def _check_ft_data(ft_train_data, ft_val_data, cross_fit: bool) -> int:
+    """The number of cross-fitting folds given as sequences of datasets (0: datasets).
+
+    Raises ValueError for sequences without `ft_cross_fit`, of other lengths, of
+    fewer than 2 folds, or a sequence next to a single dataset.
+    """
+    seqs = [isinstance(d, list | tuple) for d in (ft_train_data, ft_val_data)]
+    if not any(seqs):
+        return 0
+    if not all(seqs) or len(ft_train_data) != len(ft_val_data) or len(ft_val_data) < 2:
+        lengths = [
+            len(d) if s else "a dataset"
+            for d, s in zip((ft_train_data, ft_val_data), seqs, strict=True)
+        ]
+        raise ValueError(
+            "Cross-fitted folds need ft_train_data and ft_val_data as sequences of the "
+            "same length k >= 2 (head i trains on ft_train_data[i] and is validated on "
+            f"ft_val_data[i]). Received: {lengths[0]} and {lengths[1]}."
+        )
+    if not cross_fit:
+        raise ValueError(
+            f"ft_train_data and ft_val_data are {len(ft_val_data)} folds, which need "
+            "config.meta.ft_cross_fit=True. Received: config.meta.ft_cross_fit=False."
+        )
+    return len(ft_val_data)
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
@@ -352,8 +382,8 @@ class _Loop:
         self,
         problem: interfaces.MetaPretrainProblem,
         pt_data: tf.data.Dataset,
-        ft_train_data: tf.data.Dataset,
-        ft_val_data: tf.data.Dataset,
+        ft_train_data: tf.data.Dataset | Sequence[tf.data.Dataset],
+        ft_val_data: tf.data.Dataset | Sequence[tf.data.Dataset],
         c: ml_collections.ConfigDict,
         meta_pt_data: tf.data.Dataset | None = None,
         strategy: tf.distribute.Strategy | None = None,
@@ -374,8 +404,27 @@ class _Loop:
         self.pt_params = list(problem.pt_params)
         self.meta_params = list(problem.meta_params)
         self.pt_iter = iter(pt_data)
-        self.ft_train_iter = iter(ft_train_data)
-        self.ft_val_iter = iter(ft_val_data)
+        # One FT-train and one FT-val iterator per head. Cross-fitted on two datasets,
+        # the second head trains on FT-val and is validated on FT-train (the same two
+        # iterators); on sequences of k datasets, head i trains on ft_train_data[i]
+        # and is validated on ft_val_data[i] (k folds: fold i and the other folds).
+        folds = _check_ft_data(ft_train_data, ft_val_data, c.ft_cross_fit)
+        if folds:
+            self._ft_iterators = {
+                **{f"ft_train_iterator_{i}": iter(d) for i, d in enumerate(ft_train_data)},
+                **{f"ft_val_iterator_{i}": iter(d) for i, d in enumerate(ft_val_data)},
+            }
+            self.ft_train_iters = [
+                self._ft_iterators[f"ft_train_iterator_{i}"] for i in range(folds)
+            ]
+            self.ft_val_iters = [self._ft_iterators[f"ft_val_iterator_{i}"] for i in range(folds)]
+        else:
+            train, val = iter(ft_train_data), iter(ft_val_data)
+            self._ft_iterators = {"ft_train_iterator": train, "ft_val_iterator": val}
+            self.ft_train_iters, self.ft_val_iters = [train], [val]
+            if c.ft_cross_fit:
+                self.ft_train_iters, self.ft_val_iters = [train, val], [val, train]
+        self._num_heads = len(self.ft_train_iters)
         # The meta-step's PT batch: from its own pipeline (e.g. larger batches, so
         # that more per-example weights get a meta-gradient each step) or the PT one.
         self.meta_pt_iter = iter(meta_pt_data) if meta_pt_data is not None else self.pt_iter
@@ -437,8 +486,7 @@ class _Loop:
             skipped=self.skipped,
             generator=self.generator,
             pt_iterator=self.pt_iter,
-            ft_train_iterator=self.ft_train_iter,
-            ft_val_iterator=self.ft_val_iter,
+            **self._ft_iterators,
             # Batch-norm statistics and the like: not trained, but part of the state.
             model_state=[v for v in problem.backbone.variables if not v.trainable],
             extras=dict(problem.checkpoint_extras or {}),
@@ -492,7 +540,7 @@ class _Loop:
 
     @property
     def num_heads(self) -> int:
-        return 2 if self.c.ft_cross_fit else 1
+        return self._num_heads
 
     def _init_heads(self, feature_dim: int) -> list[tf.Tensor]:
         """Fresh FT heads from the loop's generator, [kernel, bias] each, one after the other."""
@@ -533,20 +581,19 @@ class _Loop:
     def _ft_train_batch(self):
         """The FT batch of one head step, plain or unrolled.
 
-        Cross-fitted, each FT batch is a pair (first head, second head): the first
-        head trains on FT-train and is validated on FT-val, the second the other way
-        round.
+        Cross-fitted, each FT batch is a tuple with one batch per head, from that
+        head's FT-train iterator (`ft_train_iters`).
         """
         if not self.c.ft_cross_fit:
-            return next(self.ft_train_iter)
-        return next(self.ft_train_iter), next(self.ft_val_iter)
+            return next(self.ft_train_iters[0])
+        return tuple(next(it) for it in self.ft_train_iters)
 
     def _ft_batches(self) -> tuple[list, object]:
         """K FT-train batches and an FT-val batch for the meta-step."""
         train = [self._ft_train_batch() for _ in range(self.c.ft_unroll_steps)]
         if not self.c.ft_cross_fit:
-            return train, next(self.ft_val_iter)
-        return train, (next(self.ft_val_iter), next(self.ft_train_iter))
+            return train, next(self.ft_val_iters[0])
+        return train, tuple(next(it) for it in self.ft_val_iters)
 
     def _pt_batch(self, iterator):
         batch = next(iterator)
@@ -900,8 +947,8 @@ def run(
     problem: interfaces.MetaPretrainProblem,
     *,
     pt_data: tf.data.Dataset,
-    ft_train_data: tf.data.Dataset,
-    ft_val_data: tf.data.Dataset,
+    ft_train_data: tf.data.Dataset | Sequence[tf.data.Dataset],
+    ft_val_data: tf.data.Dataset | Sequence[tf.data.Dataset],
     config: ml_collections.ConfigDict,
     workdir: str,
     log: Callable[[str], None] | None = print,
@@ -916,6 +963,9 @@ def run(
       pt_data, ft_train_data, ft_val_data: infinite (repeated), batched,
         deterministic datasets of dicts; their iterators are checkpointed. Under a
         strategy with R replicas, batches are global: B examples, a multiple of R.
+        With `config.ft_cross_fit`, ft_train_data and ft_val_data may be sequences
+        of k >= 2 datasets, k cross-fitting folds: head i trains on ft_train_data[i]
+        (the other folds' examples) and is validated on ft_val_data[i] (fold i).
       config: the loop's settings, `default_config()`'s fields.
       workdir: checkpoints in `workdir/checkpoints`, TensorBoard in `workdir`,
         history in `workdir/history.json` (written by the chief worker).
@@ -931,8 +981,8 @@ def run(
 
     Raises:
       ValueError: a bad config field (named), a strategy of another kind than
-        `config.distribute`, or a problem built outside the strategy's scope or
-        dtype policy.
+        `config.distribute`, a problem built outside the strategy's scope or
+        dtype policy, or FT folds without `ft_cross_fit` or of unequal lengths.
       NonFiniteLossError: a PT batch, loss or gradient was NaN/Inf (the step is named).
       CheckpointRestoreError: `workdir` holds checkpoints and none restores.
     """
@@ -982,8 +1032,8 @@ def sample_meta_gradients(
     problem: interfaces.MetaPretrainProblem,
     *,
     pt_data: tf.data.Dataset,
-    ft_train_data: tf.data.Dataset,
-    ft_val_data: tf.data.Dataset,
+    ft_train_data: tf.data.Dataset | Sequence[tf.data.Dataset],
+    ft_val_data: tf.data.Dataset | Sequence[tf.data.Dataset],
     config: ml_collections.ConfigDict,
     at_pt_steps: Sequence[int],
     num_samples: int,

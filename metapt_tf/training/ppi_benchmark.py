@@ -23,7 +23,8 @@ Settings: `full` (all labelled FT graphs and FT tasks), `partial` (a seeded
 final FT), `held_out` (meta-PT and co-training see the first
 `held_out_meta_fraction` of the FT tasks; the final FT and the test use the
 others). Meta-PT splits its FT graphs into FT-train / FT-val
-(`meta_val_fraction`). Every method ends with fine-tuning a fresh head on the
+(`meta_val_fraction`), or, with k = `meta_folds` > 2 cross-fitted FT heads, into
+k folds (head i trained on the other folds, validated on fold i). Every method ends with fine-tuning a fresh head on the
 setting's labelled FT graphs and the per-task test ROC-AUC, averaged over tasks.
 
 Strategies (`config.meta.distribute`): "default" runs everything on one device.
@@ -136,6 +137,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ("meta_val_fraction", "partial_fraction", "held_out_meta_fraction"):
         if not 0.0 < float(d[field]) < 1.0:
             raise config_error(f"data.{field}", d[field], "in (0, 1)")
+    if isinstance(d.meta_folds, bool) or not isinstance(d.meta_folds, int) or d.meta_folds < 2:
+        raise config_error("data.meta_folds", d.meta_folds, "an int >= 2")
+    if d.meta_folds > 2 and not config.meta.ft_cross_fit:
+        raise config_error(
+            "data.meta_folds", d.meta_folds, "2 unless config.meta.ft_cross_fit is True"
+        )
     m = config.model
     if not isinstance(m.num_layers, int) or m.num_layers < 1:
         raise config_error("model.num_layers", m.num_layers, "an int >= 1")
@@ -305,6 +312,9 @@ class _Setting:
     meta_val: np.ndarray
     meta_tasks: np.ndarray  # FT tasks meta-PT and co-training see
     eval_tasks: np.ndarray  # FT tasks of the final FT and the test
+    # With data.meta_folds = k > 2 (cross-fitted heads): ft_graphs in k folds, and
+    # meta_train / meta_val are unused.
+    meta_folds: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 def make_setting(name: str, data: _Data, config, seed: int) -> _Setting:
@@ -326,6 +336,9 @@ def make_setting(name: str, data: _Data, config, seed: int) -> _Setting:
                 f"task on one side of the split of {len(tasks)} FT tasks."
             )
         meta_tasks, eval_tasks = tasks[:num_meta], tasks[num_meta:]
+    folds = []
+    if d.meta_folds > 2:
+        folds = [np.sort(f) for f in np.array_split(order, d.meta_folds)]
     return _Setting(
         name=name,
         ft_graphs=pool,
@@ -333,6 +346,7 @@ def make_setting(name: str, data: _Data, config, seed: int) -> _Setting:
         meta_val=np.sort(order[:num_val]),
         meta_tasks=meta_tasks,
         eval_tasks=eval_tasks,
+        meta_folds=folds,
     )
 
 
@@ -481,12 +495,21 @@ class _Runner:
         """`online.run`'s data for meta-PT in `setting` on FT `tasks`: PT batches, the
         meta-steps' PT batches, and FT-train / FT-val batches (FT-val from the `ft_val`
         graphs, see `ft_data`)."""
-        return {
-            "pt_data": self.pt_data(),
-            "ft_train_data": self.ft_data(setting, "meta_train", tasks, train=True, repeat=True),
-            "ft_val_data": self.ft_data(setting, ft_val, tasks, train=True, repeat=True),
-            "meta_pt_data": self.meta_pt_data(),
-        }
+        out = {"pt_data": self.pt_data(), "meta_pt_data": self.meta_pt_data()}
+        if setting.meta_folds and ft_val == "meta_val":
+            # k cross-fitted heads: head i validated on fold i, trained on the others.
+            folds = setting.meta_folds
+            rest = [np.sort(np.concatenate(folds[:i] + folds[i + 1 :])) for i in range(len(folds))]
+            out["ft_train_data"] = [
+                self.ft_data(setting, r, tasks, train=True, repeat=True) for r in rest
+            ]
+            out["ft_val_data"] = [
+                self.ft_data(setting, f, tasks, train=True, repeat=True) for f in folds
+            ]
+            return out
+        out["ft_train_data"] = self.ft_data(setting, "meta_train", tasks, train=True, repeat=True)
+        out["ft_val_data"] = self.ft_data(setting, ft_val, tasks, train=True, repeat=True)
+        return out
 
     def backbone(self, dropout: float) -> tf.keras.Model:
         return _make_backbone(self.config, self.spec, dropout)
@@ -501,11 +524,14 @@ class _Runner:
         same graphs in the same order.
         """
         f = self.config.data
-        indices = {
-            "pool": setting.ft_graphs,
-            "meta_train": setting.meta_train,
-            "meta_val": setting.meta_val,
-        }.get(which)
+        if isinstance(which, np.ndarray):  # indices into ft_train.tfrecord (a fold)
+            indices, which = which, "fold"
+        else:
+            indices = {
+                "pool": setting.ft_graphs,
+                "meta_train": setting.meta_train,
+                "meta_val": setting.meta_val,
+            }.get(which)
         file = "test.tfrecord" if which == "test" else "ft_train.tfrecord"
         batch = f.ft_batch_size if train else EVAL_BATCH_SIZE
         ds = _ft_dataset(

@@ -126,19 +126,30 @@ def test_baseline_runs_the_same_pt_schedule_without_meta_steps(tmp_path):
     np.testing.assert_array_equal(weights.phi.numpy(), 0.0)
 
 
-@pytest.mark.parametrize("cross_fit", [False, True])
+def _three_folds(data, seed=0):
+    """`data` with its FT sets replaced by three cross-fitting folds of 16 FT
+    examples (`_fold_batches`), each dataset shuffled with its own seed."""
+    train, val = _fold_batches()
+    data["ft_train_data"] = [_dataset(t, 16, seed + 1 + i) for i, t in enumerate(train)]
+    data["ft_val_data"] = [_dataset(v, 8, seed + 4 + i) for i, v in enumerate(val)]
+    return data
+
+
+@pytest.mark.parametrize("cross_fit", [False, True, "folds"])
 def test_resumed_run_ends_with_the_same_phi(tmp_path, cross_fit):
-    # Cross-fitted, both heads and their optimizer state must come back.
+    # Cross-fitted, every head and its optimizer state must come back, and with k
+    # folds every fold's iterators.
     tf.config.experimental.enable_op_determinism()
-    config = _config(ft_cross_fit=cross_fit)
+    config = _config(ft_cross_fit=bool(cross_fit))
+    folds = _three_folds if cross_fit == "folds" else dict
     problem, weights, data = _problem()
-    online.run(problem, **data, config=config, workdir=str(tmp_path / "a"), log=None)
+    online.run(problem, **folds(data), config=config, workdir=str(tmp_path / "a"), log=None)
     uninterrupted = weights.phi.numpy().copy()
 
     problem, weights, data = _problem()
     partial = online.run(
         problem,
-        **data,
+        **folds(data),
         config=config,
         workdir=str(tmp_path / "b"),
         log=None,
@@ -146,7 +157,9 @@ def test_resumed_run_ends_with_the_same_phi(tmp_path, cross_fit):
     )
     assert partial.meta_steps == 12
     problem, weights, data = _problem()  # a fresh process would rebuild everything
-    resumed = online.run(problem, **data, config=config, workdir=str(tmp_path / "b"), log=None)
+    resumed = online.run(
+        problem, **folds(data), config=config, workdir=str(tmp_path / "b"), log=None
+    )
     assert resumed.resumed_from == 12
     np.testing.assert_allclose(weights.phi.numpy(), uninterrupted, atol=1e-6)
     assert resumed.history["meta_step"][0] == 0  # history from before the stop is kept
@@ -365,6 +378,100 @@ def test_cross_fitted_heads_are_two_single_heads_with_train_and_val_swapped():
     for (head, _), single in zip(snapshot(), singles, strict=True):
         for h, w in zip(head, single.ft_params, strict=True):
             np.testing.assert_allclose(h, w.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def _fold_batches():
+    """Three folds of 16 FT examples: head i's FT-train batch (the other two folds,
+    one fixed batch of 32) and FT-val batch (fold i)."""
+    images, labels, _, _ = _data()
+    ft = {"image": images[N_PT:][:48], "label": labels[N_PT:][:48]}
+    folds = [np.arange(16 * i, 16 * i + 16) for i in range(3)]
+    rest = [np.concatenate(folds[:i] + folds[i + 1 :]) for i in range(3)]
+    train = [{k: v[r] for k, v in ft.items()} for r in rest]
+    val = [{k: v[f] for k, v in ft.items()} for f in folds]
+    return train, val
+
+
+def test_k_cross_fitted_folds_are_k_single_heads_on_their_own_folds():
+    # Oracle: each of 3 heads alone, by the library's meta_gradient and Adam rule,
+    # trained on the other two folds and validated on its own fold.
+    problem, _, _ = _problem()
+    images, labels, noisy, scale = _data()
+    pt = {"image": images[:16], "label": noisy[:16], "index": np.arange(16), "scale": scale[:16]}
+    train, val = _fold_batches()
+    data = dict(
+        pt_data=_dataset(pt, 16, 0, shuffle=False),
+        ft_train_data=[_dataset(t, 32, 1, shuffle=False) for t in train],
+        ft_val_data=[_dataset(v, 16, 2, shuffle=False) for v in val],
+    )
+    loop = online._Loop(problem, **data, c=_config(ft_cross_fit=True))
+    assert loop.num_heads == 3 and len(loop.head) == 6
+    rule = hypergrad.Adam(0.05)
+
+    def snapshot():
+        head = [h.numpy() for h in loop.head]
+        state = tf.nest.map_structure(lambda v: v.numpy(), loop.head_state)
+        return [
+            (
+                head[2 * k : 2 * k + 2],
+                state._replace(m=state.m[2 * k : 2 * k + 2], v=state.v[2 * k : 2 * k + 2]),
+            )
+            for k in range(3)
+        ]
+
+    # A plain FT-head step during PT: each head steps on its own FT-train batch.
+    loop.pt_steps(3)
+    before = snapshot()
+    loop.pt_steps(1)
+    for (head, state), batch, got in zip(before, train, snapshot(), strict=True):
+        head = [tf.constant(h) for h in head]
+        with tf.GradientTape() as tape:
+            tape.watch(head)
+            loss = _ce(problem.backbone, head, batch)
+        want, _ = rule.apply(head, tape.gradient(loss, head), state)
+        for w, g in zip(want, got[0], strict=True):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-7)
+
+    # The meta-step: the mean of the three heads' meta-gradients.
+    before = snapshot()
+    out = loop._meta_step_fn()
+    singles = [
+        hypergrad.meta_gradient(
+            pt_loss_fn=lambda: problem.pt_loss_fn(pt),
+            pt_params=problem.pt_params,
+            meta_params=problem.meta_params,
+            ft_train_loss_fn=lambda p, step, t=t: _ce(problem.backbone, p, t),
+            ft_val_loss_fn=lambda p, v=v: _ce(problem.backbone, p, v),
+            ft_params=[tf.constant(h) for h in head],
+            ft_update_rule=rule,
+            num_ft_steps=1,
+            solver=hypergrad.Neumann(num_terms=1, alpha=0.1),
+            ft_state=state,
+        )
+        for (head, state), t, v in zip(before, train, val, strict=True)
+    ]
+    grads = [r.meta_grads[0].numpy() for r in singles]
+    assert np.abs(grads[0] - grads[1]).max() > 0.1 * np.abs(grads[0]).max()
+    np.testing.assert_allclose(out["grads"][0].numpy(), np.mean(grads, 0), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        float(out["ft_val_loss"]), np.mean([float(r.ft_val_loss) for r in singles]), rtol=1e-5
+    )
+    for (head, _), single in zip(snapshot(), singles, strict=True):
+        for h, w in zip(head, single.ft_params, strict=True):
+            np.testing.assert_allclose(h, w.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_fold_sequences_are_refused():
+    problem, _, data = _problem()
+    ds = data["ft_val_data"]
+    with pytest.raises(ValueError, match=r"need config.meta.ft_cross_fit=True"):
+        online._Loop(problem, data["pt_data"], [ds, ds], [ds, ds], _config())
+    with pytest.raises(ValueError, match=r"same length k >= 2.*Received: 2 and 3"):
+        online._Loop(problem, data["pt_data"], [ds, ds], [ds] * 3, _config(ft_cross_fit=True))
+    with pytest.raises(ValueError, match=r"Received: 2 and a dataset"):
+        online._Loop(problem, data["pt_data"], [ds, ds], ds, _config(ft_cross_fit=True))
+    with pytest.raises(ValueError, match=r"Received: 1 and 1"):
+        online._Loop(problem, data["pt_data"], [ds], [ds], _config(ft_cross_fit=True))
 
 
 def _noisy_input_problem(seed=0):

@@ -5,6 +5,7 @@ resumption), the settings' splits, and clear config errors."""
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import benchmark_binary  # same directory (pytest puts it on sys.path)
@@ -132,6 +133,7 @@ def test_bad_config_is_named_before_anything_runs(tmp_path):
 
 def test_settings_split_graphs_and_tasks():
     config = _config()
+    config.data.meta_folds = 2  # FT-train / FT-val
     data = ppi_benchmark._Data(
         directory="",
         schema=None,
@@ -154,6 +156,37 @@ def test_settings_split_graphs_and_tasks():
     assert list(held.meta_tasks) == list(range(6)) and list(held.eval_tasks) == [6, 7]
     again = ppi_benchmark.make_setting("partial", data, config, seed=0)
     np.testing.assert_array_equal(again.ft_graphs, partial.ft_graphs)
+    assert full.meta_folds == [] and partial.meta_folds == []  # two folds: the split above
+    # k folds for k cross-fitted heads: disjoint, the setting's graphs, sizes within 1.
+    config.data.meta_folds = 3
+    for name in ("full", "partial"):
+        setting = ppi_benchmark.make_setting(name, data, config, seed=0)
+        folds = setting.meta_folds
+        assert len(folds) == 3 and sorted(np.concatenate(folds)) == sorted(setting.ft_graphs)
+        assert max(map(len, folds)) - min(map(len, folds)) <= 1
+
+
+def test_meta_pt_heads_train_on_the_other_folds_and_validate_on_their_own():
+    config = _config()
+    data = ppi_benchmark._Data("", None, "", 12, 8, num_ft_graphs=100, task_kinds=None)
+    config.data.meta_folds = 4
+    setting = ppi_benchmark.make_setting("partial", data, config, seed=0)
+    # online_data's streams, each recorded as the graph indices it would read.
+    runner = types.SimpleNamespace(
+        pt_data=lambda: "pt",
+        meta_pt_data=lambda: "meta_pt",
+        ft_data=lambda setting, which, tasks, **kw: which,
+    )
+    out = ppi_benchmark._Runner.online_data(runner, setting, setting.meta_tasks)
+    train, val = out["ft_train_data"], out["ft_val_data"]
+    assert len(train) == len(val) == 4
+    for i, fold in enumerate(setting.meta_folds):
+        np.testing.assert_array_equal(val[i], fold)
+        assert not set(train[i]) & set(fold)
+        assert set(train[i]) | set(fold) == set(setting.ft_graphs)
+    # The noise tool's test graphs as FT-val: one stream each, the FT-train split.
+    out = ppi_benchmark._Runner.online_data(runner, setting, setting.meta_tasks, "test")
+    assert out["ft_val_data"] == "test" and out["ft_train_data"] == "meta_train"
 
 
 def test_validate_config_names_the_field():
@@ -168,6 +201,14 @@ def test_validate_config_names_the_field():
     config = _config()
     config.meta.solver = "magic"
     with pytest.raises(ValueError, match="solver"):
+        ppi_benchmark.validate_config(config)
+    config = _config()
+    config.data.meta_folds = 1
+    with pytest.raises(ValueError, match=r"config.data.meta_folds must be an int >= 2"):
+        ppi_benchmark.validate_config(config)
+    config = _config()
+    config.data.meta_folds, config.meta.ft_cross_fit = 4, False
+    with pytest.raises(ValueError, match=r"meta_folds must be 2 unless .*ft_cross_fit"):
         ppi_benchmark.validate_config(config)
 
 
@@ -217,9 +258,10 @@ def test_every_config_variant_is_valid(variant):
     args = {k: v for k, v in s.to_dict().items() if k not in splits}
     _, info = synthetic_ppi.make_synthetic_ppi(num_graphs=3, **args)
     assert info.params["relevant_tasks"] == design[0]
-    # Cross-fitted FT heads in the default and smoke runs; one head where the paper
+    # Four cross-fitted FT heads in the default and smoke runs; one head where the paper
     # has one and where the wide variant was measured with one.
     assert config.meta.ft_cross_fit == (variant in ("", "smoke"))
+    assert config.data.meta_folds == (4 if variant in ("", "smoke") else 2)
     if variant in ("paper", "bio"):  # the paper's split, FT and constant meta rate
         assert config.data.meta_val_fraction == 0.15
         assert config.finetune.mode == "full" and config.meta.meta_lr_decay == "none"
