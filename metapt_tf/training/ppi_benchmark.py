@@ -24,8 +24,9 @@ final FT), `held_out` (meta-PT and co-training see the first
 `held_out_meta_fraction` of the FT tasks; the final FT and the test use the
 others). Meta-PT splits its FT graphs into FT-train / FT-val
 (`meta_val_fraction`), or, with k = `meta_folds` > 2 cross-fitted FT heads, into
-k folds (head i trained on the other folds, validated on fold i). Every method ends with fine-tuning a fresh head on the
-setting's labelled FT graphs and the per-task test ROC-AUC, averaged over tasks.
+k folds (head i trained on the other folds, validated on fold i). Every method
+ends with fine-tuning a fresh head on the setting's labelled FT graphs and the
+per-task test ROC-AUC, averaged over tasks.
 
 Strategies (`config.meta.distribute`): "default" runs everything on one device.
 "mirrored" runs every training and evaluation step data-parallel over the
