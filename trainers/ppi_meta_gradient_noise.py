@@ -13,7 +13,7 @@ of relevant vs harmful and vs irrelevant tasks scored by one sample's ascent
 direction of the weights and by the mean over the samples, and per kind the
 fractions of tasks whose mean meta-gradient raises ("up") or lowers ("down")
 the weight by more than 2 standard errors. --test_as_ft_val takes the FT-val
-batches from the test graphs (with one FT head: a cross-fitted second one would
+batches from the test graphs (with one FT head: cross-fitted heads would
 train on them). The synthetic dataset is generated into
 --workdir/data if missing (the benchmark's own --workdir reuses its dataset).
 """
