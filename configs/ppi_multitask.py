@@ -61,9 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pt_batch_size = 32
     config.data.meta_pt_batch_size = 256  # PT batch of each meta-step
     config.data.ft_batch_size = 32
-    # Meta-PT's FT-train / FT-val split. The paper's 15% (the paper and bio variants)
-    # leaves 30 of these 200 labelled graphs for FT-val, too few for a steady
-    # meta-gradient: the learned weights separated the task kinds on some seeds only.
+    # Meta-PT's FT-train / FT-val split (with meta_folds = 2; unused with more folds).
+    # The paper's 15% (the paper and bio variants) leaves 30 of these 200 labelled
+    # graphs for FT-val, too few for a steady meta-gradient: the learned weights
+    # separated the task kinds on some seeds only (one head).
     config.data.meta_val_fraction = 0.5
     # Cross-fitted heads (config.meta.ft_cross_fit): k > 2 splits the labelled FT
     # graphs into k folds, head i validated on fold i and trained on the others

@@ -339,6 +339,11 @@ def make_setting(name: str, data: _Data, config, seed: int) -> _Setting:
         meta_tasks, eval_tasks = tasks[:num_meta], tasks[num_meta:]
     folds = []
     if d.meta_folds > 2:
+        if d.meta_folds > len(order):
+            raise ValueError(
+                f"config.data.meta_folds={d.meta_folds} is more folds than the "
+                f"{len(order)} labelled FT graphs of the {name!r} setting."
+            )
         folds = [np.sort(f) for f in np.array_split(order, d.meta_folds)]
     return _Setting(
         name=name,

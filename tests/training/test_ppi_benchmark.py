@@ -164,6 +164,10 @@ def test_settings_split_graphs_and_tasks():
         folds = setting.meta_folds
         assert len(folds) == 3 and sorted(np.concatenate(folds)) == sorted(setting.ft_graphs)
         assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    config.data.meta_folds = 51  # the 50% setting has 50 graphs
+    assert len(ppi_benchmark.make_setting("full", data, config, seed=0).meta_folds) == 51
+    with pytest.raises(ValueError, match=r"meta_folds=51 is more folds than the 50 labelled"):
+        ppi_benchmark.make_setting("partial", data, config, seed=0)
 
 
 def test_meta_pt_heads_train_on_the_other_folds_and_validate_on_their_own():
