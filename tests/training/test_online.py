@@ -310,120 +310,30 @@ def _ce(backbone, head, batch):
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(batch["label"], logits))
 
 
-def test_cross_fitted_heads_are_two_single_heads_with_train_and_val_swapped():
-    # Oracle: each head alone, by the library's meta_gradient and Adam rule: the first
-    # trained on FT-train and validated on FT-val, the second the other way round.
-    problem, _, _ = _problem()
-    data = _constant_batch_data()
-    loop = online._Loop(problem, **data, c=_config(ft_cross_fit=True))
-    assert len(loop.head) == 4
-    images, labels, noisy, scale = _data()
-    pt = {"image": images[:16], "label": noisy[:16], "index": np.arange(16), "scale": scale[:16]}
-    ft = {"image": images[N_PT:][:16], "label": labels[N_PT:][:16]}
-    val = {"image": images[N_PT:][16:32], "label": labels[N_PT:][16:32]}
-    rule = hypergrad.Adam(0.05)
-
-    def split(head, state):
-        return [
-            (
-                head[2 * k : 2 * k + 2],
-                state._replace(m=state.m[2 * k : 2 * k + 2], v=state.v[2 * k : 2 * k + 2]),
-            )
-            for k in (0, 1)
-        ]
-
-    def snapshot():
-        head = [h.numpy() for h in loop.head]
-        state = tf.nest.map_structure(lambda v: v.numpy(), loop.head_state)
-        return split(head, state)
-
-    # A plain FT-head step during PT: each head steps on its own FT-train set.
-    loop.pt_steps(4)
-    before = snapshot()
-    loop.pt_steps(1)  # the PT step, then the head step on the updated backbone
-    for (head, state), batch, got in zip(before, (ft, val), snapshot(), strict=True):
-        head = [tf.constant(h) for h in head]
-        with tf.GradientTape() as tape:
-            tape.watch(head)
-            loss = _ce(problem.backbone, head, batch)
-        want, _ = rule.apply(head, tape.gradient(loss, head), state)
-        for w, g in zip(want, got[0], strict=True):
-            np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-7)
-
-    # The meta-step: the mean of the two heads' meta-gradients, one implicit solve.
-    before = snapshot()
-    out = loop._meta_step_fn()
-    singles = [
-        hypergrad.meta_gradient(
-            pt_loss_fn=lambda: problem.pt_loss_fn(pt),
-            pt_params=problem.pt_params,
-            meta_params=problem.meta_params,
-            ft_train_loss_fn=lambda p, step, train=train: _ce(problem.backbone, p, train),
-            ft_val_loss_fn=lambda p, held=held: _ce(problem.backbone, p, held),
-            ft_params=[tf.constant(h) for h in head],
-            ft_update_rule=rule,
-            num_ft_steps=1,
-            solver=hypergrad.Neumann(num_terms=1, alpha=0.1),
-            ft_state=state,
+def _head_snapshots(loop):
+    """Each head's [kernel, bias] and Adam state, as numpy, head by head."""
+    head = [h.numpy() for h in loop.head]
+    state = tf.nest.map_structure(lambda v: v.numpy(), loop.head_state)
+    return [
+        (
+            head[2 * k : 2 * k + 2],
+            state._replace(m=state.m[2 * k : 2 * k + 2], v=state.v[2 * k : 2 * k + 2]),
         )
-        for (head, state), train, held in zip(before, (ft, val), (val, ft), strict=True)
+        for k in range(loop.num_heads)
     ]
-    g_a, g_b = (r.meta_grads[0].numpy() for r in singles)
-    assert np.abs(g_a - g_b).max() > 0.1 * np.abs(g_a).max()  # the heads do differ
-    np.testing.assert_allclose(out["grads"][0].numpy(), (g_a + g_b) / 2, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(
-        float(out["ft_val_loss"]), np.mean([float(r.ft_val_loss) for r in singles]), rtol=1e-5
-    )
-    # The persistent heads keep their unrolled values.
-    for (head, _), single in zip(snapshot(), singles, strict=True):
-        for h, w in zip(head, single.ft_params, strict=True):
-            np.testing.assert_allclose(h, w.numpy(), rtol=1e-5, atol=1e-7)
 
 
-def _fold_batches():
-    """Three folds of 16 FT examples: head i's FT-train batch (the other two folds,
-    one fixed batch of 32) and FT-val batch (fold i)."""
-    images, labels, _, _ = _data()
-    ft = {"image": images[N_PT:][:48], "label": labels[N_PT:][:48]}
-    folds = [np.arange(16 * i, 16 * i + 16) for i in range(3)]
-    rest = [np.concatenate(folds[:i] + folds[i + 1 :]) for i in range(3)]
-    train = [{k: v[r] for k, v in ft.items()} for r in rest]
-    val = [{k: v[f] for k, v in ft.items()} for f in folds]
-    return train, val
-
-
-def test_k_cross_fitted_folds_are_k_single_heads_on_their_own_folds():
-    # Oracle: each of 3 heads alone, by the library's meta_gradient and Adam rule,
-    # trained on the other two folds and validated on its own fold.
-    problem, _, _ = _problem()
-    images, labels, noisy, scale = _data()
-    pt = {"image": images[:16], "label": noisy[:16], "index": np.arange(16), "scale": scale[:16]}
-    train, val = _fold_batches()
-    data = dict(
-        pt_data=_dataset(pt, 16, 0, shuffle=False),
-        ft_train_data=[_dataset(t, 32, 1, shuffle=False) for t in train],
-        ft_val_data=[_dataset(v, 16, 2, shuffle=False) for v in val],
-    )
-    loop = online._Loop(problem, **data, c=_config(ft_cross_fit=True))
-    assert loop.num_heads == 3 and len(loop.head) == 6
+def _check_heads_against_single_heads(loop, problem, pt, train, val):
+    """Cross-fitted heads against single heads by the library's meta_gradient and Adam
+    rule, head i trained on the fixed batch train[i] and validated on val[i]: the plain
+    head step during PT, the meta-step (the mean of the single heads' meta-gradients,
+    one implicit solve), its FT-val loss and the persistent heads' new values.
+    Returns the single heads' meta-gradients."""
     rule = hypergrad.Adam(0.05)
-
-    def snapshot():
-        head = [h.numpy() for h in loop.head]
-        state = tf.nest.map_structure(lambda v: v.numpy(), loop.head_state)
-        return [
-            (
-                head[2 * k : 2 * k + 2],
-                state._replace(m=state.m[2 * k : 2 * k + 2], v=state.v[2 * k : 2 * k + 2]),
-            )
-            for k in range(3)
-        ]
-
-    # A plain FT-head step during PT: each head steps on its own FT-train batch.
     loop.pt_steps(3)
-    before = snapshot()
-    loop.pt_steps(1)
-    for (head, state), batch, got in zip(before, train, snapshot(), strict=True):
+    before = _head_snapshots(loop)
+    loop.pt_steps(1)  # the PT step, then the head steps on the updated backbone
+    for (head, state), batch, got in zip(before, train, _head_snapshots(loop), strict=True):
         head = [tf.constant(h) for h in head]
         with tf.GradientTape() as tape:
             tape.watch(head)
@@ -432,8 +342,7 @@ def test_k_cross_fitted_folds_are_k_single_heads_on_their_own_folds():
         for w, g in zip(want, got[0], strict=True):
             np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-7)
 
-    # The meta-step: the mean of the three heads' meta-gradients.
-    before = snapshot()
+    before = _head_snapshots(loop)
     out = loop._meta_step_fn()
     singles = [
         hypergrad.meta_gradient(
@@ -451,14 +360,62 @@ def test_k_cross_fitted_folds_are_k_single_heads_on_their_own_folds():
         for (head, state), t, v in zip(before, train, val, strict=True)
     ]
     grads = [r.meta_grads[0].numpy() for r in singles]
-    assert np.abs(grads[0] - grads[1]).max() > 0.1 * np.abs(grads[0]).max()
     np.testing.assert_allclose(out["grads"][0].numpy(), np.mean(grads, 0), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(
         float(out["ft_val_loss"]), np.mean([float(r.ft_val_loss) for r in singles]), rtol=1e-5
     )
-    for (head, _), single in zip(snapshot(), singles, strict=True):
+    for (head, _), single in zip(_head_snapshots(loop), singles, strict=True):
         for h, w in zip(head, single.ft_params, strict=True):
             np.testing.assert_allclose(h, w.numpy(), rtol=1e-5, atol=1e-7)
+    return grads
+
+
+def _fixed_pt_batch():
+    images, _, noisy, scale = _data()
+    return {"image": images[:16], "label": noisy[:16], "index": np.arange(16), "scale": scale[:16]}
+
+
+def test_cross_fitted_heads_are_two_single_heads_with_train_and_val_swapped():
+    # The first head trained on FT-train and validated on FT-val, the second the
+    # other way round.
+    problem, _, _ = _problem()
+    loop = online._Loop(problem, **_constant_batch_data(), c=_config(ft_cross_fit=True))
+    assert loop.num_heads == 2 and len(loop.head) == 4
+    images, labels, _, _ = _data()
+    ft = {"image": images[N_PT:][:16], "label": labels[N_PT:][:16]}
+    val = {"image": images[N_PT:][16:32], "label": labels[N_PT:][16:32]}
+    g_a, g_b = _check_heads_against_single_heads(
+        loop, problem, _fixed_pt_batch(), (ft, val), (val, ft)
+    )
+    assert np.abs(g_a - g_b).max() > 0.1 * np.abs(g_a).max()  # the heads do differ
+
+
+def _fold_batches():
+    """Three folds of 16 FT examples: head i's FT-train batch (the other two folds,
+    one fixed batch of 32) and FT-val batch (fold i)."""
+    images, labels, _, _ = _data()
+    ft = {"image": images[N_PT:][:48], "label": labels[N_PT:][:48]}
+    folds = [np.arange(16 * i, 16 * i + 16) for i in range(3)]
+    rest = [np.concatenate(folds[:i] + folds[i + 1 :]) for i in range(3)]
+    train = [{k: v[r] for k, v in ft.items()} for r in rest]
+    val = [{k: v[f] for k, v in ft.items()} for f in folds]
+    return train, val
+
+
+def test_k_cross_fitted_folds_are_k_single_heads_on_their_own_folds():
+    # Head i trained on the other two folds and validated on fold i.
+    problem, _, _ = _problem()
+    pt = _fixed_pt_batch()
+    train, val = _fold_batches()
+    data = dict(
+        pt_data=_dataset(pt, 16, 0, shuffle=False),
+        ft_train_data=[_dataset(t, 32, 1, shuffle=False) for t in train],
+        ft_val_data=[_dataset(v, 16, 2, shuffle=False) for v in val],
+    )
+    loop = online._Loop(problem, **data, c=_config(ft_cross_fit=True))
+    assert loop.num_heads == 3 and len(loop.head) == 6
+    grads = _check_heads_against_single_heads(loop, problem, pt, train, val)
+    assert np.abs(grads[0] - grads[1]).max() > 0.1 * np.abs(grads[0]).max()
 
 
 def test_bad_fold_sequences_are_refused():
