@@ -794,7 +794,7 @@ def meta_gradient_ranking(
         meta_config = ml_collections.ConfigDict(config.meta.to_dict())
         meta_config.seed = int(seed)
         if test_as_ft_val:
-            meta_config.ft_cross_fit = False  # a second head would train on the test graphs
+            meta_config.ft_cross_fit = False  # cross-fitted heads would train on the test graphs
         for samples in online.sample_meta_gradients(
             problem,
             **runner.online_data(chosen, tasks, "test" if test_as_ft_val else "meta_val"),
