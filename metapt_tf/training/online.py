@@ -410,14 +410,12 @@ class _Loop:
         # and is validated on ft_val_data[i] (k folds: fold i and the other folds).
         folds = _check_ft_data(ft_train_data, ft_val_data, c.ft_cross_fit)
         if folds:
+            self.ft_train_iters = [iter(d) for d in ft_train_data]
+            self.ft_val_iters = [iter(d) for d in ft_val_data]
             self._ft_iterators = {
-                **{f"ft_train_iterator_{i}": iter(d) for i, d in enumerate(ft_train_data)},
-                **{f"ft_val_iterator_{i}": iter(d) for i, d in enumerate(ft_val_data)},
+                **{f"ft_train_iterator_{i}": it for i, it in enumerate(self.ft_train_iters)},
+                **{f"ft_val_iterator_{i}": it for i, it in enumerate(self.ft_val_iters)},
             }
-            self.ft_train_iters = [
-                self._ft_iterators[f"ft_train_iterator_{i}"] for i in range(folds)
-            ]
-            self.ft_val_iters = [self._ft_iterators[f"ft_val_iterator_{i}"] for i in range(folds)]
         else:
             train, val = iter(ft_train_data), iter(ft_val_data)
             self._ft_iterators = {"ft_train_iterator": train, "ft_val_iterator": val}

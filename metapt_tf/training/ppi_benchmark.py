@@ -523,7 +523,8 @@ class _Runner:
     def ft_data(
         self, setting: _Setting, which: str, tasks, *, train: bool, repeat=False, blocks=False
     ):
-        """FT batches of `which` graphs ("pool", "meta_train", "meta_val", "test").
+        """FT batches of `which` graphs ("pool", "meta_train", "meta_val", "test", or an
+        array of indices into ft_train.tfrecord: a fold).
 
         With `blocks` under a multi-replica strategy, each batch is a global batch of
         R padded blocks (`padding.pad_blocks`, with `padding.MASK_KEY`), holding the
