@@ -266,6 +266,12 @@ def test_every_config_variant_is_valid(variant):
     # has one and where the wide variant was measured with one.
     assert config.meta.ft_cross_fit == (variant in ("", "smoke"))
     assert config.data.meta_folds == (4 if variant in ("", "smoke") else 2)
+    # Every PT run takes warmup + T * P steps: 2,200 in the default (a meta-step every 2
+    # PT steps) and in the wide variant (every 5, as it was measured).
+    m = config.meta
+    if variant in ("", "wide"):
+        steps = m.warmup_steps + m.num_meta_steps * m.pt_steps_per_meta_step
+        assert (steps, m.pt_steps_per_meta_step) == (2200, 2 if variant == "" else 5)
     if variant in ("paper", "bio"):  # the paper's split, FT and constant meta rate
         assert config.data.meta_val_fraction == 0.15
         assert config.finetune.mode == "full" and config.meta.meta_lr_decay == "none"
