@@ -289,6 +289,11 @@ def _keras_optimizer(name: str, learning_rate: float):
     return tf.keras.optimizers.SGD(learning_rate)
 
 
+def total_pt_steps(c: ml_collections.ConfigDict) -> int:
+    """PT steps of a run: the warm-up, then P per meta-step (also with meta-steps off)."""
+    return c.warmup_steps + c.num_meta_steps * c.pt_steps_per_meta_step
+
+
 def meta_lr_decay_steps(c: ml_collections.ConfigDict) -> int | None:
     """Meta-steps after which the meta learning rate is 0; None if it never is."""
     if c.meta_lr_decay == "none":
@@ -1154,7 +1159,7 @@ def _drive(
         manager.save(checkpoint_number=step)
 
     writer = tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
-    total_pt = c.warmup_steps + c.num_meta_steps * c.pt_steps_per_meta_step
+    total_pt = total_pt_steps(c)
 
     def check_losses(losses: np.ndarray, codes: np.ndarray, first_step: int) -> None:
         bad = np.flatnonzero(codes != _PT_OK)

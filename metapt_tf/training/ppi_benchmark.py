@@ -480,9 +480,7 @@ class _Runner:
         self._constraints: dict[tuple[str, int], tfgnn.SizeConstraints] = {}
         # The models' input: unpadded graphs (gin_backbone relaxes the sizes).
         self.spec = _pt_dataset(data, config, seed, config.data.pt_batch_size).element_spec["graph"]
-        self.pt_steps = config.meta.warmup_steps + (
-            config.meta.num_meta_steps * config.meta.pt_steps_per_meta_step
-        )
+        self.pt_steps = online.total_pt_steps(config.meta)
 
     def pt_data(self) -> tf.data.Dataset:
         """PT batches, new for every PT run: a seeded shuffle gives each new iterator of
