@@ -22,7 +22,8 @@ three settings: full FT data, 50% of it, and held-out FT tasks (meta-PT sees
 the first 3/4 of the FT tasks, the final FT and the test use the rest).
 Override fields with --config.<field>=<value>; e.g. data-parallel meta-PT over two
 GPUs (padded graph batches, one block per replica): --config.meta.distribute=mirrored
---config.meta.devices=/gpu:0,/gpu:1.
+--config.meta.devices=/gpu:0,/gpu:1 --config.meta.neumann_alpha=1e-3 (a fixed alpha:
+the default solver's power iteration cannot run under a strategy).
 """
 
 import ml_collections
@@ -103,9 +104,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.meta.ft_cross_fit = True
     config.meta.ft_unroll_steps = 1
     config.meta.ft_learning_rate = 1e-3
-    config.meta.solver = "neumann"
-    config.meta.neumann_terms = 1
-    config.meta.neumann_alpha = 1e-3
+    # One Neumann step per meta-step on an iterate kept across meta-steps (a damped series
+    # of about 20 terms), alpha from power iteration. Against one term at alpha 1e-3 (the
+    # former default): seed 3 with all FT data AUROC 0.66 -> 0.82, test AUC 77.7 -> 81.6;
+    # held-out tasks, seeds 0-2, AUROC 0.80 -> 0.85 (README).
+    config.meta.solver = "amortized_neumann"
+    config.meta.neumann_alpha = "auto"
+    config.meta.neumann_decay = 0.95
     # SGD on g / ||g|| keeps the tasks' relative meta-gradient sizes, where Adam keeps
     # little more than their signs. Rate 1 decaying linearly to 0: rate 3's early noisy
     # steps drove weights to 0 or 2, where w = 2 sigmoid(phi) stops moving, and cost
@@ -166,6 +171,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.meta.pt_steps_per_meta_step = 5
         config.meta.ft_cross_fit = False  # as measured: one FT head
         config.data.meta_folds = 2
+        config.meta.solver, config.meta.neumann_alpha = "neumann", 1e-3  # as measured
     elif arg == "paper":
         s = config.data.synthetic
         s.num_pt_graphs, s.num_ft_graphs, s.num_test_graphs = 50000, 5000, 5000
@@ -194,6 +200,7 @@ def _paper_settings(config: ml_collections.ConfigDict) -> None:
     config.data.meta_val_fraction = 0.15
     config.meta.pt_learning_rate = 1e-4
     config.meta.ft_learning_rate = 1e-4
+    config.meta.solver, config.meta.neumann_terms = "neumann", 1  # the paper's code
     config.meta.neumann_alpha = 1e-4
     config.meta.ft_cross_fit = False  # the paper's one FT head
     config.data.meta_folds = 2

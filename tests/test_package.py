@@ -57,6 +57,7 @@ def test_public_api_names():
     for name in (
         "hvp",
         "Neumann",
+        "AmortizedNeumann",
         "ConjugateGradient",
         "Identity",
         "implicit_hypergradient",

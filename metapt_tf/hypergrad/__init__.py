@@ -18,6 +18,7 @@ from metapt_tf.hypergrad.implicit import (
 )
 from metapt_tf.hypergrad.meta_gradient import MetaGradient, MetaGradientResult, meta_gradient
 from metapt_tf.hypergrad.solvers import (
+    AmortizedNeumann,
     ConjugateGradient,
     Identity,
     InverseHvpSolver,
@@ -45,6 +46,7 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamState",
+    "AmortizedNeumann",
     "ConjugateGradient",
     "Identity",
     "ImplicitResult",

@@ -61,6 +61,11 @@ class InverseHvpSolver(abc.ABC):
     def solve(self, hvp_fn: HvpFn, v: Sequence) -> SolveResult:
         """Returns x ~ H^{-1} v as a `SolveResult`. `v` may hold `None` (zeros)."""
 
+    @property
+    def variables(self) -> list:
+        """State kept across solves, to checkpoint with a run (none for most solvers)."""
+        return []
+
     def get_config(self) -> dict:
         return {}
 
@@ -233,6 +238,194 @@ class Identity(InverseHvpSolver):
 
     def solve(self, hvp_fn: HvpFn, v: Sequence) -> SolveResult:
         return self._neumann.solve(hvp_fn, v)
+
+
+class AmortizedNeumann(InverseHvpSolver):
+    """A Neumann series spread over successive solves, one HVP each.
+
+    Keeps its iterate x between calls (variables) and updates it once per solve:
+
+        x_t = alpha v_t + decay (I - alpha H_t) x_{t-1},    x_0 = 0.
+
+    For a fixed H and v the iterates are the partial sums of the discounted series
+    alpha * sum_j decay^j (I - alpha H)^j v, whose limit is
+
+        x = (H + delta I)^{-1} v / decay,    delta = (1 - decay) / (decay alpha),
+
+    a damped inverse: a Neumann series of about 1 / (1 - decay) terms for the price
+    of one. In an online loop H and v drift slowly from one meta-step to the next,
+    and x follows them with a lag of about 1 / (1 - decay) solves (a moving average
+    of the recent right-hand sides, too). It converges when
+    decay * |1 - alpha lambda| < 1 over H's spectrum: alpha < (1 + 1 / decay) /
+    lambda_max, and negative curvature no stronger than delta.
+
+    `alpha="auto"` tracks lambda_max by power iteration on a kept vector:
+    `power_iters` steps on the first solve, then one per solve (2 HVPs a solve).
+    The choice is a `tf.cond` (and the first solve's steps a `tf.while_loop`), in
+    which HVP closures that all-reduce across the replicas of a MirroredStrategy
+    cannot run (TensorFlow forbids `merge_call` there): under one, pass a number.
+
+    The residual is that of the previous iterate in the damped system with the
+    current H and v, ||v - decay (H + delta I) x_{t-1}|| = ||x_t - x_{t-1}|| / alpha,
+    for free. A non-finite iterate is flagged in `diverged`, and the state starts over.
+
+    Stateful: `build(like)` creates the variables (shaped like `v`'s entries, e.g.
+    the PT parameters), or the first solve does; checkpoint `variables` with the
+    rest of a run, and call `reset()` to start over.
+    """
+
+    def __init__(
+        self,
+        alpha: float | str = "auto",
+        decay: float = 0.95,
+        *,
+        alpha_scale: float = 1.0,
+        power_iters: int = 20,
+    ):
+        if isinstance(alpha, str):
+            if alpha != "auto":
+                raise ValueError(
+                    f"alpha must be a number > 0 or 'auto'. Received: alpha={alpha!r}."
+                )
+        else:
+            _check_positive("alpha", alpha)
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be a number in [0, 1). Received: decay={decay!r}.")
+        if not 0.0 < alpha_scale < 2.0:
+            raise ValueError(
+                f"alpha_scale must be in (0, 2). Received: alpha_scale={alpha_scale!r}."
+            )
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
+            raise ValueError(
+                f"power_iters must be an int >= 1. Received: power_iters={power_iters!r}."
+            )
+        self.alpha = alpha
+        self.decay = float(decay)
+        self.alpha_scale = alpha_scale
+        self.power_iters = power_iters
+        self._x = None
+
+    def get_config(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "decay": self.decay,
+            "alpha_scale": self.alpha_scale,
+            "power_iters": self.power_iters,
+        }
+
+    @property
+    def built(self) -> bool:
+        return self._x is not None
+
+    def build(self, like: Sequence) -> None:
+        """Creates the state, one zero variable per entry of `like` (None entries too)."""
+        if self.built:
+            return
+        like = list(like)
+        if any(u is None for u in like):
+            raise ValueError(
+                "AmortizedNeumann.build needs a shape for every entry; received None at "
+                f"{[i for i, u in enumerate(like) if u is None]}. Build it from the parameters "
+                "(solver.build(pt_params)) before a solve whose v has structural zeros."
+            )
+        dtype = _rhs_dtype(like)
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+        def zeros(name):
+            return [
+                tf.Variable(
+                    tf.zeros(u.shape, dtype), trainable=False, aggregation=agg, name=f"{name}_{i}"
+                )
+                for i, u in enumerate(like)
+            ]
+
+        self._x = zeros("amortized_neumann_x")
+        self._u = zeros("amortized_neumann_u")
+        self._eig = tf.Variable(
+            tf.zeros([], dtype), trainable=False, aggregation=agg, name="amortized_neumann_eig"
+        )
+        self._count = tf.Variable(
+            0, dtype=tf.int64, trainable=False, aggregation=agg, name="amortized_neumann_count"
+        )
+
+    @property
+    def variables(self) -> list:
+        """The state to checkpoint: iterate, power-iteration vector, eigenvalue, count."""
+        if not self.built:
+            return []
+        return [*self._x, *self._u, self._eig, self._count]
+
+    def reset(self) -> None:
+        for var in self.variables:
+            var.assign(tf.zeros_like(var))
+
+    def _power(self, hvp_fn: HvpFn, v: list, dtype: tf.DType) -> tf.Tensor:
+        """lambda_max estimate: `power_iters` steps from v on the first solve, then one."""
+        tiny = tf.constant(1e-30, dtype)
+
+        def unit(u):
+            return [t / tf.maximum(_vectors.norm(u, dtype), tiny) for t in u]
+
+        def step(u):
+            hu = hvp_fn(u)
+            return unit(hu), _vectors.dot(u, hu, dtype)
+
+        def first():
+            u = unit(_vectors.densify(v, self._x))
+            eig = tf.zeros([], dtype)
+            # A loop, not `power_iters` HVPs in the graph: tracing and optimizing that
+            # many copies of a GNN's HVP took a minute.
+            _, u, eig = tf.while_loop(
+                lambda i, u, eig: i < self.power_iters,
+                lambda i, u, eig: (i + 1, *step(u)),
+                (tf.constant(0), u, eig),
+            )
+            return u, eig
+
+        u, eig = tf.cond(self._count > 0, lambda: step([tf.identity(t) for t in self._u]), first)
+        for var, t in zip(self._u, u, strict=True):
+            var.assign(t)
+        eig = tf.abs(eig)
+        self._eig.assign(eig)
+        return tf.constant(self.alpha_scale, dtype) / tf.maximum(eig, tiny)
+
+    def solve(self, hvp_fn: HvpFn, v: Sequence) -> SolveResult:
+        v = list(v)
+        dtype = _rhs_dtype(v)
+        self.build(v)
+        if len(v) != len(self._x):
+            raise ValueError(
+                f"v has {len(v)} entries; this AmortizedNeumann was built for {len(self._x)}."
+            )
+        num_hvps = 1
+        if self.alpha == "auto":
+            alpha = self._power(hvp_fn, v, dtype)
+            num_hvps += tf.where(self._count > 0, 1, self.power_iters)
+        else:
+            alpha = tf.constant(self.alpha, dtype)
+        decay = tf.constant(self.decay, dtype)
+        x_old = [tf.identity(x) for x in self._x]
+        hx = hvp_fn(x_old)
+        # x_new = alpha v + decay (x_old - alpha H x_old)
+        x_new = _vectors.add(_vectors.scale(decay, _vectors.add(x_old, hx, -alpha)), v, alpha)
+        step = _vectors.norm(_vectors.add(x_new, x_old, -1.0), dtype)
+        residual = step / alpha
+        finite = tf.logical_and(
+            tf.math.is_finite(_vectors.norm(x_new, dtype)), tf.math.is_finite(residual)
+        )
+        finite = tf.logical_and(finite, tf.math.is_finite(alpha))
+        # Not finite: the state starts over (x = 0, and with alpha "auto" a full power
+        # iteration on the next solve).
+        for var, t in zip(self._x, x_new, strict=True):
+            var.assign(tf.where(finite, t, tf.zeros_like(t)))
+        self._count.assign(tf.where(finite, self._count + 1, tf.zeros_like(self._count)))
+        return SolveResult(
+            solution=x_new,
+            residual_norm=residual,
+            diverged=tf.logical_not(finite),
+            num_hvps=tf.cast(num_hvps, tf.int32),
+            alpha=alpha,
+        )
 
 
 class ConjugateGradient(InverseHvpSolver):

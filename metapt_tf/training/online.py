@@ -82,7 +82,7 @@ from metapt_tf.training import distribute, interfaces, reporting, tracing
 
 FT_OPTIMIZERS = ("adam", "sgd", "momentum")
 HEAD_MODES = ("persistent", "reinit", "pt_head")
-SOLVERS = ("neumann", "cg", "identity")
+SOLVERS = ("neumann", "amortized_neumann", "cg", "identity")
 OPTIMIZERS = ("adam", "sgd")
 META_OPTIMIZERS = ("adam", "sgd", "normalized_sgd")
 META_LR_DECAYS = ("none", "linear", "cosine")
@@ -123,6 +123,10 @@ def default_config() -> ml_collections.ConfigDict:
     # A number > 0, or "auto" (power iteration for the top eigenvalue; typed `object` so
     # that configs and --config.meta.neumann_alpha=auto on the command line can set it).
     c.neumann_alpha = ml_collections.FieldReference(1e-3, field_type=object)
+    # "amortized_neumann": one Neumann step per meta-step on an iterate kept across
+    # meta-steps, x <- alpha v + neumann_decay (I - alpha H) x, a damped series of about
+    # 1 / (1 - neumann_decay) terms for one HVP (two with alpha "auto").
+    c.neumann_decay = 0.95
     c.cg_max_iters = 20
     c.cg_damping = 1e-3
     c.hvp_mode = hypergrad.DEFAULT_HVP_MODE
@@ -218,6 +222,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         integer(field, 1)
     for field in ("pt_learning_rate", "ft_learning_rate", "meta_learning_rate"):
         positive(field)
+    decay = c.neumann_decay
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
+        raise _fail("neumann_decay", decay, "a number in [0, 1)")
     for field in ("cg_damping", "meta_grad_clip_norm"):
         v = c[field]
         if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
@@ -250,6 +257,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             c.devices,
             "\"\" unless config.meta.distribute is 'mirrored' (devices) or 'tpu' (its name)",
         )
+    if c.solver == "amortized_neumann" and alpha == "auto" and c.distribute != "default":
+        raise _fail(
+            "neumann_alpha",
+            alpha,
+            f"a number with config.meta.solver='amortized_neumann' under "
+            f"config.meta.distribute={c.distribute!r}: its power iteration runs in a tf.cond, "
+            "where the replicas' all-reduces cannot run",
+        )
     for field in ("meta_enabled", "head_steps_during_pt", "ft_cross_fit", "jit_compile"):
         if not isinstance(c[field], bool):
             raise _fail(field, c[field], "a bool")
@@ -267,6 +282,8 @@ def make_solver(
     """The config's solver; `unroll_cg` runs CG as a Python loop (see `distribute`)."""
     if c.solver == "neumann":
         return hypergrad.Neumann(num_terms=c.neumann_terms, alpha=c.neumann_alpha)
+    if c.solver == "amortized_neumann":
+        return hypergrad.AmortizedNeumann(alpha=c.neumann_alpha, decay=c.neumann_decay)
     if c.solver == "cg":
         return hypergrad.ConjugateGradient(
             max_iters=c.cg_max_iters, damping=c.cg_damping, unroll=unroll_cg
@@ -472,6 +489,8 @@ class _Loop:
             self.pt_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="pt_step")
             self.meta_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="meta_step")
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+            if isinstance(self.solver, hypergrad.AmortizedNeumann):
+                self.solver.build(self.pt_params)  # its iterate, kept across meta-steps
 
         self.checkpoint = tf.train.Checkpoint(
             pt_params=self.pt_params,
@@ -487,6 +506,7 @@ class _Loop:
             pt_step=self.pt_step,
             meta_step=self.meta_step,
             skipped=self.skipped,
+            **({"solver_state": self.solver.variables} if self.solver.variables else {}),
             generator=self.generator,
             pt_iterator=self.pt_iter,
             **self._ft_iterators,
@@ -810,7 +830,10 @@ class _Loop:
         its optimizer state, the backbone's non-trainable variables (batch-norm
         statistics, which the meta-step's forward passes in training mode move) and
         the meta-step counter are put back after it, so every sample sees the same
-        state and only the batches (and the problem's random draws) differ.
+        state and only the batches (and the problem's random draws) differ. A
+        solver's state is put back too: an `AmortizedNeumann` sample is one step
+        from the iterate the loop kept (zero where no meta-step has run: then
+        alpha v, with alpha "auto" from a full power iteration).
         Returns per meta-parameter an array [num_samples, *shape], and the FT-val
         losses [num_samples].
         """
@@ -819,6 +842,7 @@ class _Loop:
             + tf.nest.flatten(self.head_state)
             + [v for v in self.problem.backbone.variables if not v.trainable]
             + [self.meta_step]
+            + self.solver.variables
         )
         values = [v.read_value() for v in kept]
         grads, val_losses = [], []

@@ -166,6 +166,43 @@ def test_identity_solver_gives_minus_alpha_mixed_term_in_closed_form(mode):
 
 
 @pytest.mark.parametrize("mode", hypergrad.HVP_MODES)
+def test_amortized_neumann_in_tf_function_reaches_the_damped_hypergradient(mode):
+    # Repeated solves at a fixed theta* and v: the iterate converges to
+    # (H + delta I)^{-1} v / decay, and the hypergradient to -G of that, where
+    # G = d2L_PT/(dphi dtheta) and H = d2L_PT/dtheta2 are dense in closed form.
+    ridge = Ridge(seed=4)
+    ridge.set_theta_star()
+    v = ridge.v()
+    decay = 0.8
+    solver = hypergrad.AmortizedNeumann(alpha="auto", decay=decay, power_iters=50)
+    solver.build(ridge.pt_params)  # built inside, the first call would trace twice
+    traces = []
+
+    @tf.function
+    def step(v):
+        traces.append(1)
+        result = hypergrad.implicit_hypergradient_with_info(
+            ridge.pt_loss, ridge.pt_params, ridge.meta_params, v, solver=solver, hvp_mode=mode
+        )
+        return result.meta_grads, result.solve.alpha
+
+    for _ in range(150):
+        grads, alpha = step(v)
+    assert len(traces) == 1
+    theta = ridge.theta_star_np(ridge.phi0)
+    s = _sigmoid(ridge.phi0)
+    w = 2 * s
+    h = 2.0 / N * (ridge.x.T * w) @ ridge.x + 2 * LAM * np.eye(D + 1)
+    np.testing.assert_allclose(1.0 / alpha.numpy(), np.linalg.eigvalsh(h).max(), rtol=1e-8)
+    g = (2.0 / N) * ((2 * s * (1 - s)) * (ridge.x @ theta - ridge.y))[:, None] * ridge.x
+    delta = (1 - decay) / (decay * alpha.numpy())
+    v_np = np.concatenate([t.numpy().reshape(-1) for t in v])
+    expected = -g @ np.linalg.solve(h + delta * np.eye(D + 1), v_np) / decay
+    got = np.concatenate([t.numpy() for t in grads])
+    assert _rel_err(got, expected) < 1e-8
+
+
+@pytest.mark.parametrize("mode", hypergrad.HVP_MODES)
 def test_float32_runs_and_is_close(mode):
     ridge = Ridge(dtype=tf.float32, seed=3)
     ridge.set_theta_star()

@@ -182,3 +182,121 @@ def test_unrolled_conjugate_gradient_equals_the_while_loop(tol):
     assert int(unrolled.num_hvps) == int(looped.num_hvps)
     assert (int(looped.num_hvps) < 8) == (tol == 1e-1)
     assert bool(unrolled.diverged) == bool(looped.diverged)
+
+
+@pytest.mark.parametrize("alpha", [0.08, "auto"])
+def test_amortized_neumann_converges_to_the_damped_inverse(alpha):
+    a, rng = _spd(cond=10.0, seed=9)  # lambda_max = 10
+    b = rng.normal(size=12)
+    decay = 0.9
+    solver = hypergrad.AmortizedNeumann(alpha=alpha, decay=decay, power_iters=100)
+    hvp_fn = _block_hvp(a)
+    for _ in range(400):
+        result = solver.solve(hvp_fn, _as_blocks(b))
+    step = 0.1 if alpha == "auto" else alpha
+    np.testing.assert_allclose(result.alpha.numpy(), step, rtol=1e-6)
+    delta = (1.0 - decay) / (decay * step)
+    expected = np.linalg.solve(a + delta * np.eye(12), b) / decay
+    np.testing.assert_allclose(_concat(result.solution), expected, rtol=1e-8)
+    assert result.residual_norm.numpy() < 1e-8 * np.linalg.norm(b)
+    assert not result.diverged.numpy()
+    assert int(result.num_hvps) == (2 if alpha == "auto" else 1)
+
+
+def test_amortized_neumann_iterates_are_the_discounted_series():
+    a, rng = _spd(seed=10)
+    bs = [rng.normal(size=12) for _ in range(4)]
+    alpha, decay = 0.05, 0.8
+    solver = hypergrad.AmortizedNeumann(alpha=alpha, decay=decay)
+    m = decay * (np.eye(12) - alpha * a)
+    x = np.zeros(12)
+    for b in bs:
+        result = solver.solve(_block_hvp(a), _as_blocks(b))
+        x_new = alpha * b + m @ x
+        np.testing.assert_allclose(_concat(result.solution), x_new, rtol=1e-12)
+        # The previous iterate's residual in the damped system, for the current b.
+        damped = decay * (a + (1 - decay) / (decay * alpha) * np.eye(12))
+        np.testing.assert_allclose(
+            result.residual_norm.numpy(), np.linalg.norm(b - damped @ x), rtol=1e-10
+        )
+        x = x_new
+    # A fixed right-hand side: the partial sums of alpha sum_j M^j b.
+    solver.reset()
+    b = bs[0]
+    for _ in range(3):
+        result = solver.solve(_block_hvp(a), _as_blocks(b))
+    expected = alpha * sum(np.linalg.matrix_power(m, j) @ b for j in range(3))
+    np.testing.assert_allclose(_concat(result.solution), expected, rtol=1e-12)
+
+
+def test_amortized_neumann_auto_alpha_power_iterates_first_then_one_step():
+    a, rng = _spd(cond=7.0, seed=11)
+    solver = hypergrad.AmortizedNeumann(alpha="auto", decay=0.5, power_iters=100)
+    b = _as_blocks(rng.normal(size=12))
+    calls = []
+
+    def counting(u):
+        calls.append(1)
+        return _block_hvp(a)(u)
+
+    first = solver.solve(counting, b)
+    assert int(first.num_hvps) == 101 and len(calls) == 101
+    np.testing.assert_allclose(1.0 / first.alpha.numpy(), 7.0, rtol=1e-4)
+    second = solver.solve(counting, b)
+    assert int(second.num_hvps) == 2 and len(calls) == 103
+    np.testing.assert_allclose(1.0 / second.alpha.numpy(), 7.0, rtol=1e-5)
+
+
+def test_amortized_neumann_in_tf_function_keeps_state_and_restarts_when_not_finite():
+    a, rng = _spd(seed=12)
+    b = rng.normal(size=12)
+    solver = hypergrad.AmortizedNeumann(alpha="auto", decay=0.9, power_iters=30)
+    solver.build(_as_blocks(b))
+    assert len(solver.variables) == 2 * 2 + 2
+    hvp_fn = _block_hvp(a)
+    traces = []
+
+    @tf.function
+    def solve(v):
+        traces.append(1)
+        r = solver.solve(hvp_fn, v)
+        return r.solution, r.diverged, r.num_hvps
+
+    eager = hypergrad.AmortizedNeumann(alpha="auto", decay=0.9, power_iters=30)
+    for _ in range(5):
+        x, diverged, _ = solve(_as_blocks(b))
+        expected = eager.solve(hvp_fn, _as_blocks(b))
+        np.testing.assert_allclose(_concat(x), _concat(expected.solution), rtol=1e-10)
+        assert not diverged.numpy()
+    assert len(traces) == 1
+    # A non-finite right-hand side: flagged, and the next solve starts over from alpha v.
+    nan = [tf.constant(np.full(5, np.nan)), tf.constant(b[5:])]
+    x, diverged, _ = solve(nan)
+    assert diverged.numpy()
+    x, diverged, _ = solve(_as_blocks(b))
+    assert not diverged.numpy() and np.all(np.isfinite(_concat(x)))
+    solver.reset()
+    assert all(not np.any(var.numpy()) for var in solver.variables)
+
+
+def test_amortized_neumann_arguments_and_structural_zeros():
+    with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\). Received: decay=1"):
+        hypergrad.AmortizedNeumann(decay=1.0)
+    with pytest.raises(ValueError, match="alpha must be a number > 0 or 'auto'"):
+        hypergrad.AmortizedNeumann(alpha="automatic")
+    with pytest.raises(ValueError, match="power_iters must be an int >= 1"):
+        hypergrad.AmortizedNeumann(power_iters=0)
+    assert "decay=0.5" in repr(hypergrad.AmortizedNeumann(decay=0.5))
+    a, rng = _spd(seed=13)
+    b = rng.normal(size=12)
+    unbuilt = hypergrad.AmortizedNeumann(alpha=0.05)
+    with pytest.raises(ValueError, match=r"needs a shape for every entry; received None at \[0\]"):
+        unbuilt.solve(_block_hvp(a), [None, tf.constant(b[5:])])
+    # Built from the parameters' shapes, a structural zero is a zero block.
+    solver = hypergrad.AmortizedNeumann(alpha=0.05, decay=0.5)
+    solver.build([tf.Variable(tf.zeros([5], tf.float64)), tf.Variable(tf.zeros([7], tf.float64))])
+    masked = np.concatenate([np.zeros(5), b[5:]])
+    for _ in range(2):
+        result = solver.solve(_block_hvp(a), [None, tf.constant(b[5:])])
+    m = 0.5 * (np.eye(12) - 0.05 * a)
+    np.testing.assert_allclose(_concat(result.solution), 0.05 * (masked + m @ masked), rtol=1e-12)

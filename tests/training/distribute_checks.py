@@ -49,6 +49,7 @@ CASES = (
     ("forward_over_reverse", "neumann"),
     ("reverse_over_reverse", "neumann"),
     ("reverse_over_reverse", "cg"),
+    ("forward_over_reverse", "amortized_neumann"),
 )
 
 
@@ -186,20 +187,26 @@ def one_meta_gradient(name, hvp_mode, solver, precision="none", dtype="float64")
         problem, weights, data = build(
             dtype if precision == "none" else "mixed", pt_batch_sizes=sizes
         )
+    amortized = solver == "amortized_neumann"
     c = _config_for(name, hvp_mode=hvp_mode, solver=solver, mixed_precision=precision)
     loop = online._Loop(
         problem, data["pt_data"], data["ft_train_data"], data["ft_val_data"], c, None, strategy
     )
-    losses, _, _ = loop.pt_steps(3)  # losses, status codes, FT-head steps skipped
-    out = loop._meta_step_fn()
-    loop._apply_meta_fn(out["grads"])
+    # AmortizedNeumann (a fixed alpha under a strategy): a second meta-step, whose
+    # solve starts from the iterate the first one kept.
+    for _ in range(2 if amortized else 1):
+        losses, _, _ = loop.pt_steps(3)  # losses, status codes, FT-head steps skipped
+        out = loop._meta_step_fn()
+        loop._apply_meta_fn(out["grads"])
     return {
         "pt_losses": losses.tolist(),
         "theta": _flat([p.numpy() for p in loop.pt_params]).tolist(),
         "meta_grads": _flat([g.numpy() for g in out["grads"]]).tolist(),
         "ft_val_loss": float(out["ft_val_loss"]),
         "phi": weights.phi.numpy().tolist(),
-        "replica_spread": _replica_spread(loop.pt_params + loop.meta_params + loop.head),
+        "replica_spread": _replica_spread(
+            loop.pt_params + loop.meta_params + loop.head + loop.solver.variables
+        ),
         "pt_batch_sizes": sorted(set(sizes)),
     }
 
@@ -468,7 +475,9 @@ def ppi_smoke_mirrored() -> dict:
     spec = importlib.util.spec_from_file_location("c", ROOT / "configs" / "ppi_multitask.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = ml_collections.ConfigDict(module.get_config("smoke").to_dict())
+    smoke = module.get_config("smoke")
+    smoke.meta.neumann_alpha = 1e-3  # AmortizedNeumann's power iteration cannot run mirrored
+    c = ml_collections.ConfigDict(smoke.to_dict())
     c.settings, c.methods = ("full",), ("cotrain_pcgrad", "meta_pt")
     c.export = False
     c.meta.distribute, c.meta.devices = "mirrored", DEVICES

@@ -31,6 +31,7 @@ CASES = [
     "forward_over_reverse|neumann",
     "reverse_over_reverse|neumann",
     "reverse_over_reverse|cg",
+    "forward_over_reverse|amortized_neumann",
 ]
 
 
@@ -59,7 +60,8 @@ def test_meta_gradient_under_mirrored_equals_single_device(mirrored, case):
     dist = mirrored[f"meta_gradient|{case}"]["mirrored"]
     assert np.linalg.norm(single["meta_grads"]) > 1e-4  # a non-trivial target
     # Three PT steps (gradients all-reduced), then one meta-gradient (HVPs and the
-    # mixed term all-reduced) and its update.
+    # mixed term all-reduced) and its update; twice for AmortizedNeumann, whose
+    # iterate and power-iteration vector must stay equal on both replicas.
     assert _rel(dist["pt_losses"], single["pt_losses"]) < 1e-12
     assert _rel(dist["theta"], single["theta"]) < 1e-12
     assert _rel(dist["meta_grads"], single["meta_grads"]) < 1e-6
@@ -272,6 +274,12 @@ def test_config_fields_and_strategy_mismatches_are_named(monkeypatch):
     c.devices = "/gpu:0,/gpu:1"
     with pytest.raises(ValueError, match=r"config.meta.devices must be .* unless .*'mirrored'"):
         online.validate_config(c)
+    c = online.default_config()
+    c.solver, c.neumann_alpha, c.distribute = "amortized_neumann", "auto", "mirrored"
+    with pytest.raises(ValueError, match=r"config.meta.neumann_alpha must be a number with .*"):
+        online.validate_config(c)
+    c.neumann_alpha = 1e-3
+    online.validate_config(c)
     monkeypatch.delenv("TF_CONFIG", raising=False)
     c = online.default_config()
     c.distribute = "multi_worker_mirrored"
@@ -300,6 +308,10 @@ def test_binaries_name_the_strategies_they_cannot_run():
         mnist_experiments.validate_config(c)
     c = _experiment_config("ppi_multitask")
     c.meta.distribute = "multi_worker_mirrored"
+    with pytest.raises(ValueError, match=r"config.meta.neumann_alpha must be a number with "):
+        ppi_benchmark.validate_config(c)  # AmortizedNeumann takes a fixed alpha under a strategy
+    del c.meta.neumann_alpha  # a copy of the config: the field lost its "number or auto" type
+    c.meta.neumann_alpha = 1e-3
     ppi_benchmark.validate_config(c)  # accepted: the chief generates the data, all read it
     c.meta.hvp_mode = "forward_over_reverse"
     with pytest.raises(
@@ -310,6 +322,8 @@ def test_binaries_name_the_strategies_they_cannot_run():
         ppi_benchmark.validate_config(c)
     c = _experiment_config("ppi_multitask")
     c.meta.distribute = "tpu"
+    del c.meta.neumann_alpha
+    c.meta.neumann_alpha = 1e-3
     with pytest.raises(
         ValueError, match=r"config.meta.distribute must be one of .* here \(this benchmark's Co"
     ):
@@ -363,6 +377,7 @@ def test_ppi_benchmark_on_two_workers_chief_writes_and_both_skip_finished_parts(
         "--config=configs/ppi_multitask.py:smoke",
         f"--workdir={workdir}",
         "--config.meta.distribute=multi_worker_mirrored",
+        "--config.meta.neumann_alpha=0.001",  # AmortizedNeumann: a fixed alpha under a strategy
         "--config.methods=('meta_pt',)",
         "--config.settings=('full',)",
     ]

@@ -165,6 +165,33 @@ def test_resumed_run_ends_with_the_same_phi(tmp_path, cross_fit):
     assert resumed.history["meta_step"][0] == 0  # history from before the stop is kept
 
 
+def test_amortized_neumann_learns_and_its_iterate_resumes(tmp_path):
+    # The solver's iterate and power-iteration vector carry over between meta-steps:
+    # a resumed run that lost them would take other meta-steps after the stop.
+    tf.config.experimental.enable_op_determinism()
+    config = _config(solver="amortized_neumann", neumann_alpha="auto", neumann_decay=0.9)
+    problem, weights, data = _problem()
+    result = online.run(problem, **data, config=config, workdir=str(tmp_path / "a"), log=None)
+    assert result.skipped_meta_steps == 0
+    w = weights.all_weights().numpy()
+    assert w[:30].mean() < w[30:].mean()  # the wrongly labelled examples lose weight
+    uninterrupted = weights.phi.numpy().copy()
+
+    problem, weights, data = _problem()
+    online.run(
+        problem,
+        **data,
+        config=config,
+        workdir=str(tmp_path / "b"),
+        log=None,
+        stop_after_meta_steps=12,
+    )
+    problem, weights, data = _problem()
+    resumed = online.run(problem, **data, config=config, workdir=str(tmp_path / "b"), log=None)
+    assert resumed.resumed_from == 12
+    np.testing.assert_allclose(weights.phi.numpy(), uninterrupted, atol=1e-6)
+
+
 def test_non_finite_meta_gradient_is_skipped_and_counted(tmp_path):
     problem, weights, data = _problem(sqrt_weights=True)
     weights.phi.assign(tf.zeros_like(weights.phi))
@@ -197,6 +224,8 @@ def test_bad_config_fields_are_named():
         online.validate_config(c)
     with pytest.raises(ValueError, match=r"config.meta.ft_cross_fit must be False with .*pt_head"):
         online.validate_config(_config(head="pt_head", ft_cross_fit=True))
+    with pytest.raises(ValueError, match=r"config.meta.neumann_decay must be a number in \[0, 1\)"):
+        online.validate_config(_config(neumann_decay=1.0))
     c = ml_collections.ConfigDict(dict(_config()))
     c.bogus = 1
     with pytest.raises(ValueError, match="Unknown field.*config.meta.bogus.*Valid fields: "):
@@ -642,16 +671,21 @@ def test_meta_gradient_samples_on_fixed_batches_are_one_meta_gradient():
     assert np.abs(second - first).max() > 1e-3 * np.abs(first).max()
 
 
-def test_sampling_meta_gradients_leaves_the_state_as_it_was():
+@pytest.mark.parametrize("solver", ["neumann", "amortized_neumann"])
+def test_sampling_meta_gradients_leaves_the_state_as_it_was(solver):
     problem, _, data = _noisy_input_problem()
-    loop = online._Loop(problem, **data, c=_config())
+    loop = online._Loop(problem, **data, c=_config(solver=solver))
     loop.pt_steps(4)
+    if solver == "amortized_neumann":
+        loop._meta_step_fn()  # a non-zero iterate, which every sample starts from
+        assert np.abs(loop.solver.variables[0].numpy()).max() > 0
     bn = problem.backbone.layers[-1]
     state = (
         problem.pt_params
         + problem.meta_params
         + loop.head
         + tf.nest.flatten(loop.head_state)
+        + loop.solver.variables
         + [bn.moving_mean, bn.moving_variance, loop.meta_step, loop.pt_step]
     )
     before = [v.numpy().copy() for v in state]

@@ -145,15 +145,24 @@ def test_tpu_without_a_tpu_is_a_clear_error():
 def test_ppi_config_checks_for_strategies():
     c = _experiment_config("ppi_multitask")
     c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1"
+    # The default's AmortizedNeumann takes a fixed alpha under a strategy.
+    with pytest.raises(ValueError, match=r"config.meta.neumann_alpha must be a number with "):
+        ppi_benchmark.validate_config(c)
+    del c.meta.neumann_alpha  # a copy of the config: the field lost its "number or auto" type
+    c.meta.neumann_alpha = 1e-3
     ppi_benchmark.validate_config(c)  # runs
     c.meta.hvp_mode = "forward_over_reverse"
     with pytest.raises(ValueError, match=r"config.meta.hvp_mode must be 'reverse_over_reverse'"):
         ppi_benchmark.validate_config(c)
     c = _experiment_config("ppi_multitask")
     c.meta.distribute, c.meta.devices = "mirrored", "/cpu:0,/cpu:1,/cpu:2"
+    del c.meta.neumann_alpha
+    c.meta.neumann_alpha = 1e-3
     with pytest.raises(ValueError, match=r"data.pt_batch_size must be a multiple of the 3 config"):
         ppi_benchmark.validate_config(c)
     c = _experiment_config("ppi_multitask")
     c.meta.distribute = "tpu"
+    del c.meta.neumann_alpha
+    c.meta.neumann_alpha = 1e-3
     with pytest.raises(ValueError, match=r"config.meta.distribute must be one of \('default'"):
         ppi_benchmark.validate_config(c)
