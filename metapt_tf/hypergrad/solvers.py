@@ -270,7 +270,8 @@ class AmortizedNeumann(InverseHvpSolver):
     for free. A non-finite iterate is flagged in `diverged`, and the state starts over.
 
     Stateful: `build(like)` creates the variables (shaped like `v`'s entries, e.g.
-    the PT parameters), or the first solve does; checkpoint `variables` with the
+    the PT parameters), or the first solve does (inside a `tf.function` the first
+    call then traces twice, once to create them); checkpoint `variables` with the
     rest of a run, and call `reset()` to start over.
     """
 
@@ -318,7 +319,9 @@ class AmortizedNeumann(InverseHvpSolver):
         return self._x is not None
 
     def build(self, like: Sequence) -> None:
-        """Creates the state, one zero variable per entry of `like` (None entries too)."""
+        """Creates the state: per entry of `like` (tensors or variables, no None) a zero
+        iterate and power-iteration vector of its shape; then a scalar eigenvalue and a
+        solve count. Does nothing once built."""
         if self.built:
             return
         like = list(like)
