@@ -89,6 +89,19 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {bound}. Received: {name}={value!r}.")
 
 
+def _check_step_size(alpha, alpha_scale, power_iters) -> None:
+    """Neumann's and AmortizedNeumann's alpha (a number > 0 or "auto") and its settings."""
+    if isinstance(alpha, str):
+        if alpha != "auto":
+            raise ValueError(f"alpha must be a number > 0 or 'auto'. Received: alpha={alpha!r}.")
+    else:
+        _check_positive("alpha", alpha)
+    if not 0.0 < alpha_scale < 2.0:
+        raise ValueError(f"alpha_scale must be in (0, 2). Received: alpha_scale={alpha_scale!r}.")
+    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
+        raise ValueError(f"power_iters must be an int >= 1. Received: power_iters={power_iters!r}.")
+
+
 def _raise_if_diverged(diverged: tf.Tensor, message: str) -> list:
     """Raises eagerly; in a graph adds an assertion (not supported under XLA)."""
     if tf.executing_eagerly():
@@ -144,21 +157,7 @@ class Neumann(InverseHvpSolver):
     ):
         if isinstance(num_terms, bool) or not isinstance(num_terms, int) or num_terms < 0:
             raise ValueError(f"num_terms must be an int >= 0. Received: num_terms={num_terms!r}.")
-        if isinstance(alpha, str):
-            if alpha != "auto":
-                raise ValueError(
-                    f"alpha must be a number > 0 or 'auto'. Received: alpha={alpha!r}."
-                )
-        else:
-            _check_positive("alpha", alpha)
-        if not 0.0 < alpha_scale < 2.0:
-            raise ValueError(
-                f"alpha_scale must be in (0, 2). Received: alpha_scale={alpha_scale!r}."
-            )
-        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
-            raise ValueError(
-                f"power_iters must be an int >= 1. Received: power_iters={power_iters!r}."
-            )
+        _check_step_size(alpha, alpha_scale, power_iters)
         self.num_terms = num_terms
         self.alpha = alpha
         self.alpha_scale = alpha_scale
@@ -283,23 +282,9 @@ class AmortizedNeumann(InverseHvpSolver):
         alpha_scale: float = 1.0,
         power_iters: int = 20,
     ):
-        if isinstance(alpha, str):
-            if alpha != "auto":
-                raise ValueError(
-                    f"alpha must be a number > 0 or 'auto'. Received: alpha={alpha!r}."
-                )
-        else:
-            _check_positive("alpha", alpha)
+        _check_step_size(alpha, alpha_scale, power_iters)
         if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
             raise ValueError(f"decay must be a number in [0, 1). Received: decay={decay!r}.")
-        if not 0.0 < alpha_scale < 2.0:
-            raise ValueError(
-                f"alpha_scale must be in (0, 2). Received: alpha_scale={alpha_scale!r}."
-            )
-        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
-            raise ValueError(
-                f"power_iters must be an int >= 1. Received: power_iters={power_iters!r}."
-            )
         self.alpha = alpha
         self.decay = float(decay)
         self.alpha_scale = alpha_scale
