@@ -761,13 +761,19 @@ BAD_CONFIGS = [
         "mnist",
         "--config.meta.solver=lbfgs",
         1,
-        ["config.meta.solver must be one of ('neumann', 'cg', 'identity')", "'lbfgs'"],
+        [
+            "config.meta.solver must be one of ('neumann', 'amortized_neumann', 'cg', 'identity')",
+            "'lbfgs'",
+        ],
     ),
     (
         _PPI,
         "--config.meta.solver=lbfgs",
         1,
-        ["config.meta.solver must be one of ('neumann', 'cg', 'identity')", "'lbfgs'"],
+        [
+            "config.meta.solver must be one of ('neumann', 'amortized_neumann', 'cg', 'identity')",
+            "'lbfgs'",
+        ],
     ),
     (
         _ECG,
