@@ -118,14 +118,21 @@ def top_eigenvalue(hvp_fn: HvpFn, v: Sequence, num_iters: int = 20) -> tf.Tensor
     is kept). Costs `num_iters` HVPs.
     """
     dtype = _rhs_dtype(v)
-    tiny = tf.constant(1e-30, dtype)
-    u = _vectors.scale(1.0 / tf.maximum(_vectors.norm(v, dtype), tiny), v)
+    u = _unit(v, dtype)
     eig = tf.zeros([], dtype)
     for _ in range(num_iters):
-        hu = hvp_fn(u)
-        eig = _vectors.dot(u, hu, dtype)
-        u = _vectors.scale(1.0 / tf.maximum(_vectors.norm(hu, dtype), tiny), hu)
+        u, eig = _power_step(hvp_fn, u, dtype)
     return eig
+
+
+def _unit(u: Sequence, dtype: tf.DType) -> list:
+    return _vectors.scale(1.0 / tf.maximum(_vectors.norm(u, dtype), tf.constant(1e-30, dtype)), u)
+
+
+def _power_step(hvp_fn: HvpFn, u: Sequence, dtype: tf.DType) -> tuple[list, tf.Tensor]:
+    """One power-iteration step from the unit vector u: (H u / ||H u||, <u, H u>)."""
+    hu = hvp_fn(u)
+    return _unit(hu, dtype), _vectors.dot(u, hu, dtype)
 
 
 class Neumann(InverseHvpSolver):
@@ -349,33 +356,29 @@ class AmortizedNeumann(InverseHvpSolver):
 
     def _power(self, hvp_fn: HvpFn, v: list, dtype: tf.DType) -> tf.Tensor:
         """lambda_max estimate: `power_iters` steps from v on the first solve, then one."""
-        tiny = tf.constant(1e-30, dtype)
-
-        def unit(u):
-            return [t / tf.maximum(_vectors.norm(u, dtype), tiny) for t in u]
-
-        def step(u):
-            hu = hvp_fn(u)
-            return unit(hu), _vectors.dot(u, hu, dtype)
 
         def first():
-            u = unit(_vectors.densify(v, self._x))
+            u = _unit(_vectors.densify(v, self._x), dtype)
             eig = tf.zeros([], dtype)
             # A loop, not `power_iters` HVPs in the graph: tracing and optimizing that
             # many copies of a GNN's HVP took a minute.
             _, u, eig = tf.while_loop(
                 lambda i, u, eig: i < self.power_iters,
-                lambda i, u, eig: (i + 1, *step(u)),
+                lambda i, u, eig: (i + 1, *_power_step(hvp_fn, u, dtype)),
                 (tf.constant(0), u, eig),
             )
             return u, eig
 
-        u, eig = tf.cond(self._count > 0, lambda: step([tf.identity(t) for t in self._u]), first)
+        u, eig = tf.cond(
+            self._count > 0,
+            lambda: _power_step(hvp_fn, [tf.identity(t) for t in self._u], dtype),
+            first,
+        )
         for var, t in zip(self._u, u, strict=True):
             var.assign(t)
         eig = tf.abs(eig)
         self._eig.assign(eig)
-        return tf.constant(self.alpha_scale, dtype) / tf.maximum(eig, tiny)
+        return tf.constant(self.alpha_scale, dtype) / tf.maximum(eig, tf.constant(1e-30, dtype))
 
     def solve(self, hvp_fn: HvpFn, v: Sequence) -> SolveResult:
         v = list(v)
