@@ -125,8 +125,16 @@ def top_eigenvalue(hvp_fn: HvpFn, v: Sequence, num_iters: int = 20) -> tf.Tensor
     return eig
 
 
+_TINY = 1e-30  # floor of the norms and eigenvalues divided by
+
+
 def _unit(u: Sequence, dtype: tf.DType) -> list:
-    return _vectors.scale(1.0 / tf.maximum(_vectors.norm(u, dtype), tf.constant(1e-30, dtype)), u)
+    return _vectors.scale(1.0 / tf.maximum(_vectors.norm(u, dtype), tf.constant(_TINY, dtype)), u)
+
+
+def _step_size(alpha_scale: float, eig: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """alpha = alpha_scale / |lambda_max|, the step of alpha="auto"."""
+    return tf.constant(alpha_scale, dtype) / tf.maximum(tf.abs(eig), tf.constant(_TINY, dtype))
 
 
 def _power_step(hvp_fn: HvpFn, u: Sequence, dtype: tf.DType) -> tuple[list, tf.Tensor]:
@@ -185,9 +193,8 @@ class Neumann(InverseHvpSolver):
     def _alpha(self, hvp_fn: HvpFn, v: Sequence, dtype: tf.DType) -> tuple[tf.Tensor, int]:
         if self.alpha != "auto":
             return tf.constant(self.alpha, dtype), 0
-        eig = tf.abs(top_eigenvalue(hvp_fn, v, self.power_iters))
-        alpha = tf.constant(self.alpha_scale, dtype) / tf.maximum(eig, tf.constant(1e-30, dtype))
-        return alpha, self.power_iters
+        eig = top_eigenvalue(hvp_fn, v, self.power_iters)
+        return _step_size(self.alpha_scale, eig, dtype), self.power_iters
 
     def solve(self, hvp_fn: HvpFn, v: Sequence) -> SolveResult:
         v = list(v)
@@ -376,9 +383,8 @@ class AmortizedNeumann(InverseHvpSolver):
         )
         for var, t in zip(self._u, u, strict=True):
             var.assign(t)
-        eig = tf.abs(eig)
-        self._eig.assign(eig)
-        return tf.constant(self.alpha_scale, dtype) / tf.maximum(eig, tf.constant(1e-30, dtype))
+        self._eig.assign(tf.abs(eig))
+        return _step_size(self.alpha_scale, eig, dtype)
 
     def solve(self, hvp_fn: HvpFn, v: Sequence) -> SolveResult:
         v = list(v)
